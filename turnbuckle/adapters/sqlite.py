@@ -1,0 +1,534 @@
+"""The SQLite store: one file, many processes, nothing acknowledged ever lost.
+
+Theory of operation
+-------------------
+
+Each store handle owns one apsw connection, and one dedicated thread owns that connection (the
+adapter actor). Callers on the event loop put requests (a function of a table, and whether it
+writes) on the thread's queue and wait for a one-shot reply; the thread never touches the event
+loop except to schedule "your reply is ready" on it. That gives:
+
+- **One hop per operation.** A request is one whole operation (read, decide, write), run as one
+  call on the owner thread; no transaction is ever held open across an ``await``.
+- **Group commit.** On each wake-up the thread takes every request already queued and runs them
+  in one ``BEGIN IMMEDIATE`` transaction, each in its own savepoint, and replies only after
+  COMMIT. Many concurrent callers share one fsync. A request whose operation raises a typed error
+  is rolled back to its savepoint alone; if the database itself fails (disk full, I/O) part-way,
+  the batch is rolled back and each request retried alone, so every caller gets its own truthful
+  answer.
+- **Serialized writers across processes.** Every transaction that may write starts with
+  ``BEGIN IMMEDIATE``, so a read-then-write never races another connection, and every write is
+  also guarded by the row version it read (checked by the changed-row count).
+- **Writes are never abandoned.** A caller cancelled while its write is queued or running keeps
+  waiting (shielded) until the outcome is known: a cancelled caller is never told "not applied"
+  about a write that then commits. Reads may be abandoned.
+- **A race-free open.** The schema is checked and created inside ``BEGIN IMMEDIATE``, with an
+  ``application_id`` stamp (so a foreign file, or our file with another database's ``-wal``, is
+  refused rather than written over), an exact ``user_version`` match, a write probe (so a
+  read-only file fails at open, not at the first write), WAL switched on after the schema commit
+  with a bounded retry, and ``PRAGMA quick_check`` (on by default).
+
+Durability: ``"full"`` (default) is ``synchronous=FULL``: an acknowledged write survives a
+process crash and an OS crash or power loss on storage that honours fsync. ``"process"`` is
+``synchronous=NORMAL``: it survives a process crash; the last writes may roll back on power
+loss, but the file is never corrupted. SQLite needs a local filesystem: WAL does not work over a
+network filesystem, and all processes using a file must be on one host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final, Literal, TypeVar
+
+import anyio
+import apsw
+import sniffio
+
+from turnbuckle.adapters.tasks import TaskTable
+from turnbuckle.errors import (
+    ForeignDatabaseError,
+    InvalidArgument,
+    NotADatabaseError,
+    StorageFullError,
+    StoreBusyError,
+    StoreClosedError,
+    StoreCorruptError,
+    StoreInternalError,
+    StoreOpenError,
+    StoreReadOnlyError,
+    TurnbuckleError,
+    UnsupportedSchemaVersion,
+)
+from turnbuckle.sansio.task import TaskRow
+
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "Durability",
+    "SqliteRunner",
+    "SqliteTaskTable",
+    "sqlite_version",
+    "wal_reset_bug_fixed",
+]
+
+T = TypeVar("T")
+Durability = Literal["full", "process"]
+
+#: Stamped in the file header: "TRNB". A file without it is not ours.
+APPLICATION_ID: Final = 0x54524E42
+#: The schema this code reads and writes; any other version is refused at open.
+SCHEMA_VERSION: Final = 1
+#: Most requests one transaction takes; bounds the latency a big burst adds to its first caller.
+MAX_BATCH: Final = 256
+_WAL_RETRIES: Final = 20
+
+_DDL: Final = (
+    "CREATE TABLE tb_meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL) STRICT",
+    "INSERT INTO tb_meta (key, value) VALUES ('open_count', 0)",
+    """CREATE TABLE tasks (
+        task_id TEXT PRIMARY KEY NOT NULL,
+        session_id TEXT,
+        status TEXT NOT NULL,
+        status_message TEXT,
+        created_at TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        last_updated_at TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        ttl INTEGER,
+        expires_ms INTEGER,
+        poll_interval INTEGER,
+        original_method TEXT NOT NULL,
+        original_params TEXT,
+        result TEXT,
+        meta TEXT,
+        version INTEGER NOT NULL
+    ) STRICT""",
+    "CREATE INDEX tasks_by_created ON tasks (created_ms, task_id)",
+    "CREATE INDEX tasks_by_session ON tasks (session_id, created_ms, task_id)"
+    " WHERE session_id IS NOT NULL",
+    "CREATE INDEX tasks_by_expiry ON tasks (expires_ms) WHERE expires_ms IS NOT NULL",
+    "CREATE INDEX tasks_live ON tasks (updated_ms) WHERE status IN ('working', 'input_required')",
+)
+
+
+def sqlite_version() -> str:
+    """The version of the SQLite library apsw bundles, e.g. ``"3.54.1"``."""
+    return str(apsw.sqlite_lib_version())
+
+
+def wal_reset_bug_fixed(version: str) -> bool:
+    """True if ``version`` is outside the WAL-reset corruption range (3.7.0 to 3.51.2, with the
+    fix backported to 3.44.6 and 3.50.7)."""
+    parts = tuple(int(p) for p in version.split(".")[:3])
+    if parts < (3, 7, 0) or parts >= (3, 51, 3):
+        return True
+    return (3, 44, 6) <= parts < (3, 45, 0) or (3, 50, 7) <= parts < (3, 51, 0)
+
+
+# --- rows ------------------------------------------------------------------------------------
+
+_COLUMNS: Final = (
+    "task_id, session_id, status, status_message, created_at, created_ms, last_updated_at,"
+    " updated_ms, ttl, poll_interval, original_method, original_params, result, meta, version"
+)
+_SELECT: Final = f"SELECT {_COLUMNS} FROM tasks"
+_INSERT: Final = (
+    f"INSERT INTO tasks ({_COLUMNS}, expires_ms) VALUES"
+    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING"
+)
+_UPDATE: Final = (
+    "UPDATE tasks SET session_id = ?, status = ?, status_message = ?, created_at = ?,"
+    " created_ms = ?, last_updated_at = ?, updated_ms = ?, ttl = ?, poll_interval = ?,"
+    " original_method = ?, original_params = ?, result = ?, meta = ?, version = ?,"
+    " expires_ms = ? WHERE task_id = ? AND version = ?"
+)
+
+
+def _row(values: tuple[Any, ...]) -> TaskRow:
+    (task_id, session_id, status, status_message, created_at, created_ms, last_updated_at,
+     updated_ms, ttl, poll_interval, original_method, original_params, result, meta,
+     version) = values
+    return TaskRow(
+        task_id=task_id, session_id=session_id, status=status, status_message=status_message,
+        created_at=created_at, created_ms=created_ms, last_updated_at=last_updated_at,
+        updated_ms=updated_ms, ttl=ttl, poll_interval=poll_interval,
+        original_method=original_method, original_params=original_params, result=result,
+        meta=meta, version=version,
+    )
+
+
+class SqliteTaskTable:
+    """The task table of one connection; every call runs inside the caller's transaction."""
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self._conn = conn
+
+    def get(self, task_id: str) -> TaskRow | None:
+        found = self._conn.execute(f"{_SELECT} WHERE task_id = ?", (task_id,)).fetchone()
+        return None if found is None else _row(found)
+
+    def insert(self, row: TaskRow) -> bool:
+        self._conn.execute(_INSERT, (
+            row.task_id, row.session_id, row.status, row.status_message, row.created_at,
+            row.created_ms, row.last_updated_at, row.updated_ms, row.ttl, row.poll_interval,
+            row.original_method, row.original_params, row.result, row.meta, row.version,
+            row.expires_ms,
+        ))
+        return bool(self._conn.changes() == 1)
+
+    def replace(self, row: TaskRow, expected_version: int) -> bool:
+        self._conn.execute(_UPDATE, (
+            row.session_id, row.status, row.status_message, row.created_at, row.created_ms,
+            row.last_updated_at, row.updated_ms, row.ttl, row.poll_interval,
+            row.original_method, row.original_params, row.result, row.meta, row.version,
+            row.expires_ms, row.task_id, expected_version,
+        ))
+        return bool(self._conn.changes() == 1)
+
+    def delete(self, task_id: str) -> bool:
+        self._conn.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+        return bool(self._conn.changes() == 1)
+
+    def count(self) -> int:
+        return int(self._conn.execute("SELECT count(*) FROM tasks").fetchone()[0])
+
+    def page(self, session_id: str | None, after: tuple[int, str] | None, limit: int
+             ) -> list[TaskRow]:
+        where, args = [], []
+        if session_id is not None:
+            where.append("session_id = ?")
+            args.append(session_id)
+        if after is not None:
+            where.append("(created_ms, task_id) > (?, ?)")
+            args.extend(after)
+        sql = _SELECT
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_ms, task_id LIMIT ?"
+        return [_row(r) for r in self._conn.execute(sql, (*args, limit))]
+
+    def expiring_before(self, now_ms: int) -> list[tuple[str, int, int]]:
+        sql = "SELECT task_id, created_ms, ttl FROM tasks WHERE expires_ms < ?"
+        return [(r[0], r[1], r[2]) for r in self._conn.execute(sql, (now_ms,))]
+
+    def live_updated_before(self, cutoff_ms: int) -> list[TaskRow]:
+        sql = (f"{_SELECT} WHERE status IN ('working', 'input_required') AND updated_ms < ?"
+               " ORDER BY updated_ms")
+        return [_row(r) for r in self._conn.execute(sql, (cutoff_ms,))]
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def map_error(exc: BaseException, path: str, busy_timeout_s: float) -> TurnbuckleError:
+    """The library error for a driver (or unexpected) exception, with it as ``__cause__``."""
+    mapped: TurnbuckleError
+    if isinstance(exc, TurnbuckleError):
+        return exc
+    if isinstance(exc, apsw.BusyError | apsw.LockedError):
+        mapped = StoreBusyError(path, busy_timeout_s)
+    elif isinstance(exc, apsw.NotADBError):
+        mapped = NotADatabaseError(path)
+    elif isinstance(exc, apsw.CorruptError):
+        mapped = StoreCorruptError(path, str(exc))
+    elif isinstance(exc, apsw.ReadOnlyError):
+        mapped = StoreReadOnlyError(path)
+    elif isinstance(exc, apsw.FullError):
+        mapped = StorageFullError(path)
+    elif isinstance(exc, apsw.CantOpenError | apsw.PermissionsError):
+        mapped = StoreOpenError(path, str(exc))
+    else:
+        mapped = StoreInternalError(path, f"{type(exc).__name__}: {exc}")
+    mapped.__cause__ = exc
+    return mapped
+
+
+# --- opening ---------------------------------------------------------------------------------
+
+
+def _open_connection(path: str, *, durability: Durability, busy_timeout_s: float,
+                     verify: bool) -> apsw.Connection:
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise StoreOpenError(path, "the path is a folder")
+    if not os.path.isdir(folder):
+        raise StoreOpenError(path, f"the folder {folder!r} does not exist")
+    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
+    try:
+        conn.setbusytimeout(int(busy_timeout_s * 1000))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _check_or_create_schema(conn, path)
+            # The write probe: a read-only file fails here, at open, not at the first write.
+            conn.execute("UPDATE tb_meta SET value = value + 1 WHERE key = 'open_count'")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        _switch_to_wal(conn)
+        conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
+        if verify:
+            problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise StoreCorruptError(path, "; ".join(problems[:5]))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_or_create_schema(conn: apsw.Connection, path: str) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    objects = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+    if version == 0 and app_id == 0 and objects == 0:
+        # A new (or empty) file. DDL goes one statement at a time, inside this transaction, so
+        # concurrent first opens queue on the write lock and see a finished schema.
+        for statement in _DDL:
+            conn.execute(statement)
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    elif app_id != APPLICATION_ID:
+        raise ForeignDatabaseError(path, app_id, version)
+    elif version != SCHEMA_VERSION:
+        raise UnsupportedSchemaVersion(path, SCHEMA_VERSION, version)
+
+
+def _switch_to_wal(conn: apsw.Connection) -> None:
+    # Another opener can hold a lock for an instant; journal_mode then fails at once with
+    # BUSY (the busy handler is not used), and one retry has always been enough.
+    for attempt in range(_WAL_RETRIES):
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except apsw.BusyError:
+            if attempt == _WAL_RETRIES - 1:
+                raise
+            time.sleep(0.005 * (attempt + 1))
+            continue
+        if str(mode).lower() != "wal":
+            raise StoreInternalError("", f"journal_mode stayed {mode!r}")
+        return
+
+
+# --- the adapter actor -----------------------------------------------------------------------
+
+_STOP: Final = object()
+
+
+class _Request:
+    """One operation and its one-shot reply, handed from the event loop to the owner thread."""
+
+    __slots__ = ("done", "fn", "outcome", "schedule", "writes")
+
+    def __init__(self, fn: Callable[[Any], Any], writes: bool) -> None:
+        self.fn = fn
+        self.writes = writes
+        self.done = anyio.Event()
+        self.schedule = _loop_scheduler()
+        self.outcome: tuple[bool, Any] = (False, None)
+
+    def reply(self, ok: bool, value: Any) -> None:
+        """Called on the owner thread: store the outcome and wake the waiting caller."""
+        self.outcome = (ok, value)
+        try:
+            self.schedule(self.done.set)
+        except RuntimeError:
+            pass  # the caller's event loop has ended; nobody is waiting
+
+
+def _loop_scheduler() -> Callable[[Callable[[], object]], object]:
+    """A thread-safe "run this soon on the current event loop" for trio or asyncio."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
+    return asyncio.get_running_loop().call_soon_threadsafe
+
+
+class SqliteRunner:
+    """Runs operations on the owner thread of one connection; see the module docstring."""
+
+    def __init__(self, path: str, *, durability: Durability = "full",
+                 busy_timeout_s: float = 5.0, verify_on_open: bool = True) -> None:
+        if durability not in ("full", "process"):
+            raise InvalidArgument(f"durability must be 'full' or 'process', got {durability!r}")
+        if not isinstance(busy_timeout_s, int | float) or not 0 <= busy_timeout_s <= 3600:
+            raise InvalidArgument(f"busy_timeout must be 0 to 3600 s, got {busy_timeout_s!r}")
+        self.path = path
+        self._durability: Durability = durability
+        self._busy_s = float(busy_timeout_s)
+        self._verify = verify_on_open
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = True
+        self._stopped: _Request | None = None
+        self._conn: apsw.Connection | None = None
+
+    async def start(self) -> None:
+        """Open the file on a new owner thread.
+
+        Raises:
+            StoreOpenError, NotADatabaseError, ForeignDatabaseError, UnsupportedSchemaVersion,
+            StoreCorruptError, StoreReadOnlyError, StoreBusyError: the file cannot serve.
+        """
+        opened = _Request(lambda _: None, True)
+        self._stopped = _Request(lambda _: None, True)
+        thread = threading.Thread(target=self._main, args=(opened,), daemon=True,
+                                  name=f"turnbuckle-sqlite:{os.path.basename(self.path)}")
+        self._closed = False
+        thread.start()
+        with anyio.CancelScope(shield=True):
+            await opened.done.wait()
+        ok, value = opened.outcome
+        if not ok:
+            self._closed = True
+            raise value
+
+    async def run(self, fn: Callable[[TaskTable], T], *, writes: bool) -> T:
+        """Run ``fn(table)`` atomically on the owner thread and return its result.
+
+        Raises:
+            StoreClosedError: the store was closed.
+            whatever ``fn`` raises, or the store error the database gave.
+        """
+        request = _Request(fn, writes)
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError("sqlite")
+            self._queue.put(request)
+        if writes:
+            with anyio.CancelScope(shield=True):
+                await request.done.wait()
+        else:
+            await request.done.wait()
+        ok, value = request.outcome
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+    async def aclose(self) -> None:
+        """Finish every queued request, checkpoint, and close the connection. Idempotent."""
+        with self._lock:
+            already = self._closed
+            self._closed = True
+            if not already:
+                self._queue.put(_STOP)
+        stopped = self._stopped
+        if stopped is not None:
+            with anyio.CancelScope(shield=True):
+                await stopped.done.wait()
+
+    # --- the owner thread ---
+
+    def _main(self, opened: _Request) -> None:
+        try:
+            conn = _open_connection(self.path, durability=self._durability,
+                                    busy_timeout_s=self._busy_s, verify=self._verify)
+        except BaseException as exc:
+            opened.reply(False, map_error(exc, self.path, self._busy_s))
+            self._shut(None)
+            return
+        self._conn = conn
+        table = SqliteTaskTable(conn)
+        opened.reply(True, None)
+        try:
+            stop = False
+            while not stop:
+                batch = [self._queue.get()]
+                if batch[0] is _STOP:
+                    break
+                while len(batch) < MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._serve(conn, table, batch)
+        finally:
+            self._shut(conn)
+
+    def _shut(self, conn: apsw.Connection | None) -> None:
+        with self._lock:
+            self._closed = True
+        # Anything still queued arrived after close began; it never ran.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                item.reply(False, StoreClosedError("sqlite"))
+        if conn is not None:
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except apsw.Error:
+                pass  # another connection is busy with the WAL; it will checkpoint
+            conn.close()
+        if self._stopped is not None:
+            self._stopped.reply(True, None)
+
+    def _serve(self, conn: apsw.Connection, table: SqliteTaskTable,
+               batch: list[_Request]) -> None:
+        try:
+            outcomes = self._transaction(conn, table, batch)
+        except _BeginFailed as failed:
+            error = map_error(failed.cause, self.path, self._busy_s)
+            for request in batch:
+                request.reply(False, error)
+            return
+        except BaseException as exc:
+            if len(batch) > 1:
+                # The database failed part-way through the group: run each alone, so only
+                # the operations that really fail are told so.
+                for request in batch:
+                    self._serve(conn, table, [request])
+                return
+            outcomes = [(False, map_error(exc, self.path, self._busy_s))]
+        for request, (ok, value) in zip(batch, outcomes, strict=True):
+            request.reply(ok, value)
+
+    def _transaction(self, conn: apsw.Connection, table: SqliteTaskTable,
+                     batch: list[_Request]) -> list[tuple[bool, Any]]:
+        writes = any(request.writes for request in batch)
+        try:
+            conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+        except apsw.Error as exc:
+            raise _BeginFailed(exc) from exc
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            for request in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = request.fn(table)
+                except apsw.Error:
+                    raise
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append((False, map_error(exc, self.path, self._busy_s)))
+                else:
+                    outcomes.append((True, value))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcomes
+
+
+class _BeginFailed(Exception):
+    """BEGIN itself failed (usually busy): nothing ran, and retrying one by one would only wait
+    the busy timeout once per request."""
+
+    def __init__(self, cause: apsw.Error) -> None:
+        super().__init__(cause)
+        self.cause = cause

@@ -1,0 +1,297 @@
+"""One exception hierarchy for everything turnbuckle raises.
+
+Every error is rooted at :class:`TurnbuckleError` and carries the fields a caller needs as
+attributes (``InvalidTransition.current``, ``UnsupportedSchemaVersion.found``, ...). No exception of
+a driver (apsw), the json module or cattrs ever crosses the public API: adapters wrap them in one of
+these and keep the original as ``__cause__``.
+
+Errors are plain values: they compare by type and fields in tests, print a sentence that names
+the fields, and pickle (so a test can send one from a child process to its parent).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "ConcurrentModification",
+    "CorruptRecordError",
+    "ForeignDatabaseError",
+    "InvalidArgument",
+    "InvalidCursor",
+    "InvalidTransition",
+    "MaxTasksReached",
+    "NotADatabaseError",
+    "PayloadNotSerializable",
+    "PayloadTooLarge",
+    "StorageFullError",
+    "StoreBusyError",
+    "StoreClosedError",
+    "StoreCorruptError",
+    "StoreError",
+    "StoreInternalError",
+    "StoreOpenError",
+    "StoreReadOnlyError",
+    "TaskAlreadyExists",
+    "TaskError",
+    "TaskNotFound",
+    "TerminalState",
+    "TurnbuckleError",
+    "UnsupportedSchemaVersion",
+]
+
+
+class TurnbuckleError(Exception):
+    """Root of every error turnbuckle raises on purpose.
+
+    Subclasses list their fields in ``_fields`` and a message template in ``_template``; the
+    constructor takes the fields positionally or by keyword and stores them as attributes.
+    """
+
+    _fields: ClassVar[tuple[str, ...]] = ()
+    _template: ClassVar[str] = ""
+    #: True when trying the same call again later may succeed (busy, full disk freed, ...).
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        fields = type(self)._fields
+        if len(args) > len(fields):
+            raise TypeError(f"{type(self).__name__} takes at most {len(fields)} arguments")
+        values = dict(zip(fields, args, strict=False))
+        for name, value in kwargs.items():
+            if name not in fields or name in values:
+                raise TypeError(f"{type(self).__name__} got an unexpected argument {name!r}")
+            values[name] = value
+        for name in fields:
+            setattr(self, name, values.get(name))
+        super().__init__(*(values.get(name) for name in fields))
+
+    def __str__(self) -> str:
+        template = type(self)._template
+        if not template:
+            return super().__str__()
+        return template.format(**{name: getattr(self, name) for name in type(self)._fields})
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in type(self)._fields)
+        return f"{type(self).__name__}({inner})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in type(self)._fields)
+
+    def __hash__(self) -> int:
+        return hash((type(self), *(repr(getattr(self, f)) for f in type(self)._fields)))
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+class InvalidArgument(TurnbuckleError, ValueError):
+    """An argument is malformed or out of range; nothing was read or written."""
+
+    _fields = ("message",)
+    _template = "{message}"
+    message: str
+
+
+class InvalidCursor(InvalidArgument):
+    """A pagination cursor was not made by this listing (MCP answers -32602)."""
+
+    _fields = ("cursor",)
+    _template = "invalid cursor {cursor!r}: pass back only the next_cursor of the same listing"
+    cursor: str
+
+
+class PayloadNotSerializable(InvalidArgument):
+    """A payload is not plain JSON: ``path`` says where inside it, ``type_name`` what was found."""
+
+    _fields = ("path", "type_name", "reason")
+    _template = "payload is not JSON-serializable at {path}: {type_name} ({reason})"
+    path: str
+    type_name: str
+    reason: str
+
+
+class PayloadTooLarge(InvalidArgument):
+    """An encoded payload is larger than the store's ``max_payload_bytes``."""
+
+    _fields = ("size", "limit")
+    _template = "payload of {size} bytes exceeds the limit of {limit} bytes"
+    size: int
+    limit: int
+
+
+# --- task state ------------------------------------------------------------------------------
+
+
+class TaskError(TurnbuckleError):
+    """Base of the errors about one task's existence or state."""
+
+
+class TaskNotFound(TaskError, LookupError):
+    """No task has this id (it never existed, was deleted, or expired and was swept)."""
+
+    _fields = ("task_id",)
+    _template = "task {task_id!r} not found"
+    task_id: str
+
+
+class TaskAlreadyExists(TaskError):
+    """``create_task`` was given the id of a task the store already holds."""
+
+    _fields = ("task_id",)
+    _template = "task {task_id!r} already exists"
+    task_id: str
+
+
+class InvalidTransition(TaskError):
+    """The requested status is not reachable from the current one (e.g. working -> working)."""
+
+    _fields = ("current", "requested")
+    _template = "cannot move a task from {current} to {requested}"
+    current: Any
+    requested: Any
+
+
+class TerminalState(TaskError):
+    """The task is completed, failed or cancelled, and terminal tasks never change again."""
+
+    _fields = ("status",)
+    _template = "task is in terminal state {status} and cannot change"
+    status: Any
+
+
+class MaxTasksReached(TaskError):
+    """The store already holds ``limit`` tasks (the ``max_tasks`` option)."""
+
+    _fields = ("limit",)
+    _template = "the store holds its maximum of {limit} tasks"
+    limit: int
+
+
+class ConcurrentModification(TaskError):
+    """A guarded write found the row changed under it; re-read and decide again."""
+
+    _fields = ("key",)
+    _template = "{key!r} was modified concurrently"
+    key: str
+    retryable = True
+
+
+# --- the store -------------------------------------------------------------------------------
+
+
+class StoreError(TurnbuckleError):
+    """Base of the errors about the store itself rather than one record in it."""
+
+
+class StoreOpenError(StoreError):
+    """The store cannot be opened at all (missing folder, path is a folder, no permission)."""
+
+    _fields = ("path", "reason")
+    _template = "cannot open store {path!r}: {reason}"
+    path: str
+    reason: str
+
+
+class UnsupportedSchemaVersion(StoreOpenError):
+    """The file's schema version is not one this turnbuckle can use."""
+
+    _fields = ("path", "expected", "found")
+    _template = (
+        "store {path!r} has schema version {found}, this turnbuckle needs {expected}"
+        " (a newer turnbuckle made it, or it must be migrated)"
+    )
+    path: str
+    expected: int
+    found: int
+
+
+class ForeignDatabaseError(StoreOpenError):
+    """The file is an SQLite database, but not a turnbuckle store.
+
+    A turnbuckle file whose ``-wal`` file was swapped for another database's also lands here.
+    """
+
+    _fields = ("path", "application_id", "user_version")
+    _template = (
+        "{path!r} is an SQLite database that turnbuckle did not make (application_id="
+        "{application_id}, user_version={user_version}); if it is a turnbuckle store, check that"
+        " its -wal file was not replaced by another database's"
+    )
+    path: str
+    application_id: int
+    user_version: int
+
+
+class NotADatabaseError(StoreOpenError):
+    """The file exists but is not an SQLite database at all."""
+
+    _fields = ("path",)
+    _template = "{path!r} is not an SQLite database"
+    path: str
+
+
+class StoreCorruptError(StoreError):
+    """The database file is damaged (malformed pages, failed integrity check)."""
+
+    _fields = ("path", "detail")
+    _template = "store {path!r} is corrupt: {detail}"
+    path: str
+    detail: str
+
+
+class StoreReadOnlyError(StoreError):
+    """The store cannot be written (read-only file, folder or mount); found at open."""
+
+    _fields = ("path",)
+    _template = "store {path!r} is read-only"
+    path: str
+
+
+class StoreBusyError(StoreError):
+    """Another connection held the write lock past the busy timeout. Nothing was applied."""
+
+    _fields = ("path", "timeout_s")
+    _template = "store {path!r} stayed locked by another connection for {timeout_s} s"
+    path: str
+    timeout_s: float
+    retryable = True
+
+
+class StorageFullError(StoreError):
+    """The disk (or the database's page limit) is full. The write was not applied."""
+
+    _fields = ("path",)
+    _template = "store {path!r} is full; the write was not applied"
+    path: str
+    retryable = True
+
+
+class CorruptRecordError(StoreError):
+    """One stored record cannot be decoded. The rest of the store is usable."""
+
+    _fields = ("table", "key", "reason")
+    _template = "corrupt record {key!r} in {table}: {reason}"
+    table: str
+    key: str
+    reason: str
+
+
+class StoreClosedError(StoreError):
+    """The store handle was closed; open a new one."""
+
+    _fields = ("backend",)
+    _template = "the {backend} store is closed"
+    backend: str
+
+
+class StoreInternalError(StoreError):
+    """The database reported an error turnbuckle did not expect: a bug, please report it."""
+
+    _fields = ("path", "detail")
+    _template = "unexpected store error on {path!r}: {detail}"
+    path: str
+    detail: str

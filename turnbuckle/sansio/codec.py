@@ -1,0 +1,137 @@
+"""Canonical JSON for every payload turnbuckle stores, and the one cattrs converter.
+
+Payloads (task params, results, metadata) are plain JSON values. They are checked before they
+reach any store, by the same code for every adapter, so a payload the in-memory store accepts is
+one the SQLite store accepts too:
+
+- only ``None``, ``bool``, ``int``, finite ``float``, ``str``, ``list`` and ``dict`` with ``str``
+  keys; a tuple, a set, bytes, a non-string key, NaN or a lone surrogate is refused with
+  :class:`~turnbuckle.errors.PayloadNotSerializable` naming the path of the bad value (``$.a[2]``),
+  because ``json`` would otherwise coerce or mangle it silently;
+- the encoded form is canonical (sorted keys, no spaces, UTF-8), so equal values give equal
+  bytes, which stable hashes rely on;
+- the encoded size is checked against a limit before any IO (:class:`PayloadTooLarge`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TypeAlias
+
+import cattrs
+
+from turnbuckle.errors import InvalidArgument, PayloadNotSerializable, PayloadTooLarge
+
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD_BYTES",
+    "JSON",
+    "check_int64",
+    "check_text",
+    "converter",
+    "decode_json",
+    "encode_json",
+]
+
+JSON: TypeAlias = "None | bool | int | float | str | list[JSON] | dict[str, JSON]"
+
+#: Default limit for one encoded payload; stores take ``max_payload_bytes`` to change it.
+DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
+
+#: The converter every record, command and checkpoint goes through.
+converter = cattrs.Converter()
+
+_INT64_MAX = (1 << 63) - 1
+
+
+def _check_plain(value: object) -> None:
+    """Walk ``value`` and raise at the first part that is not plain JSON."""
+    stack: list[tuple[str, object]] = [("$", value)]
+    while stack:
+        path, item = stack.pop()
+        kind = type(item)
+        if item is None or kind is bool or kind is int:
+            continue
+        if kind is str:
+            _check_text(path, item)  # type: ignore[arg-type]
+        elif kind is float:
+            if not math.isfinite(item):  # type: ignore[arg-type]
+                raise PayloadNotSerializable(path, "float", f"{item!r} has no JSON form")
+        elif kind is list:
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(item))  # type: ignore[arg-type]
+        elif kind is dict:
+            for key, v in item.items():  # type: ignore[attr-defined]
+                if type(key) is not str:
+                    raise PayloadNotSerializable(
+                        path, type(key).__name__, f"object key {key!r} is not a str"
+                    )
+                _check_text(path, key)
+                stack.append((f"{path}.{key}", v))
+        else:
+            raise PayloadNotSerializable(path, kind.__name__, "not a JSON type")
+
+
+def _check_text(path: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PayloadNotSerializable(path, "str", "contains a lone surrogate") from exc
+
+
+def encode_json(value: object, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
+    """Encode a plain JSON value canonically.
+
+    Raises:
+        PayloadNotSerializable: ``value`` holds something that is not plain JSON.
+        PayloadTooLarge: the UTF-8 encoding is longer than ``limit`` bytes.
+    """
+    _check_plain(value)
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, sort_keys=True,
+                      separators=(",", ":"))
+    # len(text) counts code points; only a long text can be over the byte limit.
+    if len(text) * 4 > limit:
+        size = len(text.encode("utf-8"))
+        if size > limit:
+            raise PayloadTooLarge(size, limit)
+    return text
+
+
+def decode_json(text: str) -> JSON:
+    """Decode JSON text made by :func:`encode_json`.
+
+    Raises:
+        ValueError: the text is not valid JSON (callers turn this into ``CorruptRecordError``).
+    """
+    value: JSON = json.loads(text, parse_constant=_refuse_constant)
+    return value
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def check_text(name: str, value: object, *, optional: bool = False) -> None:
+    """Check that ``value`` is a str SQLite and JSON can store (None too, if ``optional``).
+
+    Raises:
+        InvalidArgument: not a str, or it holds a lone surrogate.
+    """
+    if value is None and optional:
+        return
+    if type(value) is not str:
+        raise InvalidArgument(f"{name} must be a str, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{name} contains a lone surrogate") from None
+
+
+def check_int64(name: str, value: object, *, minimum: int = 0) -> int:
+    """Return ``value`` if it is an int in ``[minimum, 2**63-1]``.
+
+    Raises:
+        InvalidArgument: it is not an int (bools included) or is out of range.
+    """
+    if type(value) is not int or not minimum <= value <= _INT64_MAX:
+        raise InvalidArgument(f"{name} must be an int from {minimum} to 2**63-1, got {value!r}")
+    return value
