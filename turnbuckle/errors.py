@@ -91,7 +91,7 @@ class TurnbuckleError(Exception):
 class InvalidArgument(TurnbuckleError, ValueError):
     """An argument is malformed or out of range; nothing was read or written."""
 
-    _fields = ("message",)
+    _fields: ClassVar[tuple[str, ...]] = ("message",)
     _template = "{message}"
     message: str
 
@@ -190,7 +190,7 @@ class StoreError(TurnbuckleError):
 class StoreOpenError(StoreError):
     """The store cannot be opened at all (missing folder, path is a folder, no permission)."""
 
-    _fields = ("path", "reason")
+    _fields: ClassVar[tuple[str, ...]] = ("path", "reason")
     _template = "cannot open store {path!r}: {reason}"
     path: str
     reason: str

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio.lowlevel
 import attrs
@@ -91,11 +91,12 @@ class MemoryTaskTable:
     def count(self) -> int:
         return len(self._rows)
 
-    def page(self, session_id: str | None, after: tuple[int, str] | None, limit: int
-             ) -> list[TaskRow]:
+    def page(
+        self, session_id: str | None, after: tuple[int, str] | None, limit: int
+    ) -> list[TaskRow]:
         keys = self._order.get(session_id, [])
         start = 0 if after is None else bisect.bisect_right(keys, after)
-        return [self._rows[task_id] for _, task_id in keys[start:start + limit]]
+        return [self._rows[task_id] for _, task_id in keys[start : start + limit]]
 
     def expiring_before(self, now_ms: int) -> list[tuple[str, int, int]]:
         return [
@@ -127,7 +128,8 @@ class MemoryTaskTable:
 
     def corrupt_for_testing(self, task_id: str, column: str, raw: object) -> None:
         """Overwrite one column of a stored row with ``raw``, as damage from outside would."""
-        self._rows[task_id] = attrs.evolve(self._rows[task_id], **{column: raw})
+        changes: dict[str, Any] = {column: raw}
+        self._rows[task_id] = attrs.evolve(self._rows[task_id], **changes)
 
 
 class MemoryRunner:

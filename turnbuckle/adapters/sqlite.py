@@ -38,6 +38,7 @@ network filesystem, and all processes using a file must be on one host.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import threading
@@ -150,15 +151,39 @@ _UPDATE: Final = (
 
 
 def _row(values: tuple[Any, ...]) -> TaskRow:
-    (task_id, session_id, status, status_message, created_at, created_ms, last_updated_at,
-     updated_ms, ttl, poll_interval, original_method, original_params, result, meta,
-     version) = values
+    (
+        task_id,
+        session_id,
+        status,
+        status_message,
+        created_at,
+        created_ms,
+        last_updated_at,
+        updated_ms,
+        ttl,
+        poll_interval,
+        original_method,
+        original_params,
+        result,
+        meta,
+        version,
+    ) = values
     return TaskRow(
-        task_id=task_id, session_id=session_id, status=status, status_message=status_message,
-        created_at=created_at, created_ms=created_ms, last_updated_at=last_updated_at,
-        updated_ms=updated_ms, ttl=ttl, poll_interval=poll_interval,
-        original_method=original_method, original_params=original_params, result=result,
-        meta=meta, version=version,
+        task_id=task_id,
+        session_id=session_id,
+        status=status,
+        status_message=status_message,
+        created_at=created_at,
+        created_ms=created_ms,
+        last_updated_at=last_updated_at,
+        updated_ms=updated_ms,
+        ttl=ttl,
+        poll_interval=poll_interval,
+        original_method=original_method,
+        original_params=original_params,
+        result=result,
+        meta=meta,
+        version=version,
     )
 
 
@@ -173,21 +198,52 @@ class SqliteTaskTable:
         return None if found is None else _row(found)
 
     def insert(self, row: TaskRow) -> bool:
-        self._conn.execute(_INSERT, (
-            row.task_id, row.session_id, row.status, row.status_message, row.created_at,
-            row.created_ms, row.last_updated_at, row.updated_ms, row.ttl, row.poll_interval,
-            row.original_method, row.original_params, row.result, row.meta, row.version,
-            row.expires_ms,
-        ))
+        self._conn.execute(
+            _INSERT,
+            (
+                row.task_id,
+                row.session_id,
+                row.status,
+                row.status_message,
+                row.created_at,
+                row.created_ms,
+                row.last_updated_at,
+                row.updated_ms,
+                row.ttl,
+                row.poll_interval,
+                row.original_method,
+                row.original_params,
+                row.result,
+                row.meta,
+                row.version,
+                row.expires_ms,
+            ),
+        )
         return bool(self._conn.changes() == 1)
 
     def replace(self, row: TaskRow, expected_version: int) -> bool:
-        self._conn.execute(_UPDATE, (
-            row.session_id, row.status, row.status_message, row.created_at, row.created_ms,
-            row.last_updated_at, row.updated_ms, row.ttl, row.poll_interval,
-            row.original_method, row.original_params, row.result, row.meta, row.version,
-            row.expires_ms, row.task_id, expected_version,
-        ))
+        self._conn.execute(
+            _UPDATE,
+            (
+                row.session_id,
+                row.status,
+                row.status_message,
+                row.created_at,
+                row.created_ms,
+                row.last_updated_at,
+                row.updated_ms,
+                row.ttl,
+                row.poll_interval,
+                row.original_method,
+                row.original_params,
+                row.result,
+                row.meta,
+                row.version,
+                row.expires_ms,
+                row.task_id,
+                expected_version,
+            ),
+        )
         return bool(self._conn.changes() == 1)
 
     def delete(self, task_id: str) -> bool:
@@ -195,11 +251,13 @@ class SqliteTaskTable:
         return bool(self._conn.changes() == 1)
 
     def count(self) -> int:
-        return int(self._conn.execute("SELECT count(*) FROM tasks").fetchone()[0])
+        return int(_scalar(self._conn, "SELECT count(*) FROM tasks"))
 
-    def page(self, session_id: str | None, after: tuple[int, str] | None, limit: int
-             ) -> list[TaskRow]:
-        where, args = [], []
+    def page(
+        self, session_id: str | None, after: tuple[int, str] | None, limit: int
+    ) -> list[TaskRow]:
+        where: list[str] = []
+        args: list[object] = []
         if session_id is not None:
             where.append("session_id = ?")
             args.append(session_id)
@@ -217,8 +275,10 @@ class SqliteTaskTable:
         return [(r[0], r[1], r[2]) for r in self._conn.execute(sql, (now_ms,))]
 
     def live_updated_before(self, cutoff_ms: int) -> list[TaskRow]:
-        sql = (f"{_SELECT} WHERE status IN ('working', 'input_required') AND updated_ms < ?"
-               " ORDER BY updated_ms")
+        sql = (
+            f"{_SELECT} WHERE status IN ('working', 'input_required') AND updated_ms < ?"
+            " ORDER BY updated_ms"
+        )
         return [_row(r) for r in self._conn.execute(sql, (cutoff_ms,))]
 
 
@@ -251,8 +311,9 @@ def map_error(exc: BaseException, path: str, busy_timeout_s: float) -> Turnbuckl
 # --- opening ---------------------------------------------------------------------------------
 
 
-def _open_connection(path: str, *, durability: Durability, busy_timeout_s: float,
-                     verify: bool) -> apsw.Connection:
+def _open_connection(
+    path: str, *, durability: Durability, busy_timeout_s: float, verify: bool
+) -> apsw.Connection:
     folder = os.path.dirname(path) or "."
     if os.path.isdir(path):
         raise StoreOpenError(path, "the path is a folder")
@@ -283,10 +344,16 @@ def _open_connection(path: str, *, durability: Durability, busy_timeout_s: float
     return conn
 
 
+def _scalar(conn: apsw.Connection, sql: str) -> Any:
+    found = conn.execute(sql).fetchone()
+    assert found is not None, sql
+    return found[0]
+
+
 def _check_or_create_schema(conn: apsw.Connection, path: str) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    objects = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+    version = _scalar(conn, "PRAGMA user_version")
+    app_id = _scalar(conn, "PRAGMA application_id")
+    objects = _scalar(conn, "SELECT count(*) FROM sqlite_schema")
     if version == 0 and app_id == 0 and objects == 0:
         # A new (or empty) file. DDL goes one statement at a time, inside this transaction, so
         # concurrent first opens queue on the write lock and see a finished schema.
@@ -305,7 +372,7 @@ def _switch_to_wal(conn: apsw.Connection) -> None:
     # BUSY (the busy handler is not used), and one retry has always been enough.
     for attempt in range(_WAL_RETRIES):
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _scalar(conn, "PRAGMA journal_mode = WAL")
         except apsw.BusyError:
             if attempt == _WAL_RETRIES - 1:
                 raise
@@ -336,10 +403,9 @@ class _Request:
     def reply(self, ok: bool, value: Any) -> None:
         """Called on the owner thread: store the outcome and wake the waiting caller."""
         self.outcome = (ok, value)
-        try:
+        # RuntimeError: the caller's event loop has ended, so nobody is waiting.
+        with contextlib.suppress(RuntimeError):
             self.schedule(self.done.set)
-        except RuntimeError:
-            pass  # the caller's event loop has ended; nobody is waiting
 
 
 def _loop_scheduler() -> Callable[[Callable[[], object]], object]:
@@ -354,13 +420,19 @@ def _loop_scheduler() -> Callable[[Callable[[], object]], object]:
 class SqliteRunner:
     """Runs operations on the owner thread of one connection; see the module docstring."""
 
-    def __init__(self, path: str, *, durability: Durability = "full",
-                 busy_timeout_s: float = 5.0, verify_on_open: bool = True) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        durability: Durability = "full",
+        busy_timeout_s: float = 5.0,
+        verify_on_open: bool = True,
+    ) -> None:
         if durability not in ("full", "process"):
             raise InvalidArgument(f"durability must be 'full' or 'process', got {durability!r}")
         if not isinstance(busy_timeout_s, int | float) or not 0 <= busy_timeout_s <= 3600:
             raise InvalidArgument(f"busy_timeout must be 0 to 3600 s, got {busy_timeout_s!r}")
-        self.path = path
+        self.path = os.path.abspath(path)
         self._durability: Durability = durability
         self._busy_s = float(busy_timeout_s)
         self._verify = verify_on_open
@@ -379,8 +451,12 @@ class SqliteRunner:
         """
         opened = _Request(lambda _: None, True)
         self._stopped = _Request(lambda _: None, True)
-        thread = threading.Thread(target=self._main, args=(opened,), daemon=True,
-                                  name=f"turnbuckle-sqlite:{os.path.basename(self.path)}")
+        thread = threading.Thread(
+            target=self._main,
+            args=(opened,),
+            daemon=True,
+            name=f"turnbuckle-sqlite:{os.path.basename(self.path)}",
+        )
         self._closed = False
         thread.start()
         with anyio.CancelScope(shield=True):
@@ -428,8 +504,12 @@ class SqliteRunner:
 
     def _main(self, opened: _Request) -> None:
         try:
-            conn = _open_connection(self.path, durability=self._durability,
-                                    busy_timeout_s=self._busy_s, verify=self._verify)
+            conn = _open_connection(
+                self.path,
+                durability=self._durability,
+                busy_timeout_s=self._busy_s,
+                verify=self._verify,
+            )
         except BaseException as exc:
             opened.reply(False, map_error(exc, self.path, self._busy_s))
             self._shut(None)
@@ -468,16 +548,14 @@ class SqliteRunner:
             if item is not _STOP:
                 item.reply(False, StoreClosedError("sqlite"))
         if conn is not None:
-            try:
+            # Fails only while another connection is busy with the WAL; it will checkpoint.
+            with contextlib.suppress(apsw.Error):
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except apsw.Error:
-                pass  # another connection is busy with the WAL; it will checkpoint
             conn.close()
         if self._stopped is not None:
             self._stopped.reply(True, None)
 
-    def _serve(self, conn: apsw.Connection, table: SqliteTaskTable,
-               batch: list[_Request]) -> None:
+    def _serve(self, conn: apsw.Connection, table: SqliteTaskTable, batch: list[_Request]) -> None:
         try:
             outcomes = self._transaction(conn, table, batch)
         except _BeginFailed as failed:
@@ -496,8 +574,9 @@ class SqliteRunner:
         for request, (ok, value) in zip(batch, outcomes, strict=True):
             request.reply(ok, value)
 
-    def _transaction(self, conn: apsw.Connection, table: SqliteTaskTable,
-                     batch: list[_Request]) -> list[tuple[bool, Any]]:
+    def _transaction(
+        self, conn: apsw.Connection, table: SqliteTaskTable, batch: list[_Request]
+    ) -> list[tuple[bool, Any]]:
         writes = any(request.writes for request in batch)
         try:
             conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")

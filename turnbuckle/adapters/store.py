@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,8 +40,9 @@ class Store:
         url: the URL it was opened with.
     """
 
-    def __init__(self, *, url: str, tasks: TaskFacet, closer: Callable[[], Awaitable[None]]
-                 ) -> None:
+    def __init__(
+        self, *, url: str, tasks: TaskFacet, closer: Callable[[], Awaitable[None]]
+    ) -> None:
         self.url = url
         self.tasks = tasks
         self.backend_name = tasks.backend_name
@@ -100,20 +100,33 @@ async def open_store(
         raise InvalidArgument(f"url must be a str, got {url!r}")
     if url == "memory://":
         memory = MemoryRunner(MemoryTaskTable())
-        tasks = TaskFacet(memory, backend_name="in-memory", clock=clock, ids=ids,
-                          max_tasks=max_tasks, max_payload_bytes=max_payload_bytes)
+        tasks = TaskFacet(
+            memory,
+            backend_name="in-memory",
+            clock=clock,
+            ids=ids,
+            max_tasks=max_tasks,
+            max_payload_bytes=max_payload_bytes,
+        )
 
         async def close_memory() -> None:
             memory.closed = True
 
         store = Store(url=url, tasks=tasks, closer=close_memory)
     elif url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
-        path = os.path.abspath(url[len("sqlite:///"):])
-        runner = SqliteRunner(path, durability=durability, busy_timeout_s=busy_timeout,
-                              verify_on_open=verify_on_open)
+        path = url[len("sqlite:///") :]
+        runner = SqliteRunner(
+            path, durability=durability, busy_timeout_s=busy_timeout, verify_on_open=verify_on_open
+        )
         await runner.start()
-        tasks = TaskFacet(runner, backend_name="sqlite", clock=clock, ids=ids,
-                          max_tasks=max_tasks, max_payload_bytes=max_payload_bytes)
+        tasks = TaskFacet(
+            runner,
+            backend_name="sqlite",
+            clock=clock,
+            ids=ids,
+            max_tasks=max_tasks,
+            max_payload_bytes=max_payload_bytes,
+        )
         store = Store(url=url, tasks=tasks, closer=runner.aclose)
     else:
         raise InvalidArgument(

@@ -75,9 +75,9 @@ class TaskTable(Protocol):
 
     def count(self) -> int: ...
 
-    def page(self, session_id: str | None, after: tuple[int, str] | None, limit: int) -> list[
-        TaskRow
-    ]:
+    def page(
+        self, session_id: str | None, after: tuple[int, str] | None, limit: int
+    ) -> list[TaskRow]:
         """Up to ``limit`` rows ordered by (created_ms, task_id), strictly after ``after``;
         only ``session_id``'s rows unless it is None."""
         ...
@@ -130,8 +130,9 @@ class TaskFacet:
             MaxTasksReached: the store holds ``max_tasks`` tasks already.
             InvalidArgument, PayloadNotSerializable, PayloadTooLarge: a bad field.
         """
-        row = new_row(record, now_ms=self._clock.now_ms(), ids=self._ids,
-                      max_payload_bytes=self._limit)
+        row = new_row(
+            record, now_ms=self._clock.now_ms(), ids=self._ids, max_payload_bytes=self._limit
+        )
         max_tasks = self._max_tasks
 
         def op(table: TaskTable) -> TaskRecord:
@@ -170,8 +171,8 @@ class TaskFacet:
             raise InvalidArgument(f"update_task takes a TaskRecord, got {record!r}")
         now_ms, limit = self._clock.now_ms(), self._limit
         return await self._change(
-            record.task_id, lambda row: apply_replace(row, record, now_ms=now_ms,
-                                                      max_payload_bytes=limit)
+            record.task_id,
+            lambda row: apply_replace(row, record, now_ms=now_ms, max_payload_bytes=limit),
         )
 
     async def delete_task(self, task_id: str) -> bool:
@@ -350,12 +351,14 @@ class TaskFacet:
         now_ms, limit = self._clock.now_ms(), self._limit
         return await self._change(
             task_id,
-            lambda row: apply_outcome(row, outcome, status=status, message=message,
-                                      now_ms=now_ms, max_payload_bytes=limit),
+            lambda row: apply_outcome(
+                row, outcome, status=status, message=message, now_ms=now_ms, max_payload_bytes=limit
+            ),
         )
 
-    async def _page(self, session_id: str | None, cursor: str | None, limit: int | None
-                    ) -> TaskPage:
+    async def _page(
+        self, session_id: str | None, cursor: str | None, limit: int | None
+    ) -> TaskPage:
         size = check_page_size(limit)
         after = None if cursor is None else decode_cursor(_checked_cursor(cursor), session_id)
 
@@ -370,8 +373,8 @@ class TaskFacet:
                 except CorruptRecordError:
                     corrupt.append(row.task_id)
             last = rows[-1] if more else None
-            next_cursor = None if last is None else encode_cursor(
-                session_id, last.created_ms, last.task_id
+            next_cursor = (
+                None if last is None else encode_cursor(session_id, last.created_ms, last.task_id)
             )
             return TaskPage(tuple(tasks), next_cursor, tuple(corrupt))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import cattrs
 
@@ -33,7 +33,7 @@ __all__ = [
     "encode_json",
 ]
 
-JSON: TypeAlias = "None | bool | int | float | str | list[JSON] | dict[str, JSON]"
+JSON: TypeAlias = "bool | int | float | str | list[JSON] | dict[str, JSON] | None"
 
 #: Default limit for one encoded payload; stores take ``max_payload_bytes`` to change it.
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
@@ -46,21 +46,23 @@ _INT64_MAX = (1 << 63) - 1
 
 def _check_plain(value: object) -> None:
     """Walk ``value`` and raise at the first part that is not plain JSON."""
-    stack: list[tuple[str, object]] = [("$", value)]
+    # Exact type checks on purpose: a bool is fine, but an IntEnum or a str subclass would be
+    # stored as its base value and come back as something else.
+    stack: list[tuple[str, Any]] = [("$", value)]
     while stack:
         path, item = stack.pop()
         kind = type(item)
         if item is None or kind is bool or kind is int:
             continue
         if kind is str:
-            _check_text(path, item)  # type: ignore[arg-type]
+            _check_text(path, item)
         elif kind is float:
-            if not math.isfinite(item):  # type: ignore[arg-type]
+            if not math.isfinite(item):
                 raise PayloadNotSerializable(path, "float", f"{item!r} has no JSON form")
         elif kind is list:
-            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(item))  # type: ignore[arg-type]
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
         elif kind is dict:
-            for key, v in item.items():  # type: ignore[attr-defined]
+            for key, v in item.items():
                 if type(key) is not str:
                     raise PayloadNotSerializable(
                         path, type(key).__name__, f"object key {key!r} is not a str"
@@ -86,8 +88,9 @@ def encode_json(value: object, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str
         PayloadTooLarge: the UTF-8 encoding is longer than ``limit`` bytes.
     """
     _check_plain(value)
-    text = json.dumps(value, ensure_ascii=False, allow_nan=False, sort_keys=True,
-                      separators=(",", ":"))
+    text = json.dumps(
+        value, ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
+    )
     # len(text) counts code points; only a long text can be over the byte limit.
     if len(text) * 4 > limit:
         size = len(text.encode("utf-8"))

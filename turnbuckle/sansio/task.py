@@ -351,8 +351,12 @@ def _encode_outcome(outcome: TaskOutcome | None, limit: int) -> str | None:
     if isinstance(outcome, TaskRpcError):
         check_int64("TaskRpcError.code", outcome.code, minimum=-(1 << 63))
         check_text("TaskRpcError.message", outcome.message)
-        body = {"type": "error", "code": outcome.code, "message": outcome.message,
-                "data": outcome.data}
+        body = {
+            "type": "error",
+            "code": outcome.code,
+            "message": outcome.message,
+            "data": outcome.data,
+        }
         return encode_json(body, limit=limit)
     raise InvalidArgument(f"result must be TaskSuccess or TaskRpcError, got {outcome!r}")
 
@@ -360,7 +364,7 @@ def _encode_outcome(outcome: TaskOutcome | None, limit: int) -> str | None:
 def _decode_outcome(text: str) -> TaskOutcome:
     body = decode_json(text)
     if not isinstance(body, dict):
-        raise ValueError("outcome is not an object")
+        raise ValueError("outcome is not an object")  # noqa: TRY004 (decode errors are ValueError)
     kind = body.get("type")
     if kind == "success" and set(body) == {"type", "value"}:
         return TaskSuccess(body["value"])
@@ -382,8 +386,9 @@ def _payloads(record: TaskRecord, limit: int) -> tuple[str | None, str | None, s
     meta = record.meta
     if meta is not None and type(meta) is not dict:
         raise InvalidArgument(f"meta must be a dict of JSON values or None, got {meta!r}")
-    params = None if record.original_params is None else encode_json(record.original_params,
-                                                                     limit=limit)
+    params = (
+        None if record.original_params is None else encode_json(record.original_params, limit=limit)
+    )
     return (
         params,
         _encode_outcome(record.result, limit),
@@ -589,8 +594,9 @@ def apply_recovery(row: TaskRow, *, now_ms: int) -> TaskRow:
         result = _encode_outcome(
             TaskRpcError(code=RECOVERED_ERROR_CODE, message=RECOVERED_MESSAGE), 1 << 30
         )
-    return _touch(row, now_ms, status=TaskStatus.FAILED.value, status_message=RECOVERED_MESSAGE,
-                  result=result)
+    return _touch(
+        row, now_ms, status=TaskStatus.FAILED.value, status_message=RECOVERED_MESSAGE, result=result
+    )
 
 
 class _NoIds:
