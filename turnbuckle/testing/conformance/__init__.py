@@ -1,0 +1,28 @@
+"""Conformance suites: plain async functions that take a store factory.
+
+A store adapter is correct when these pass against it. The project runs them against every
+adapter it ships; a third-party adapter runs them the same way::
+
+    from turnbuckle.testing import conformance
+
+    async def test_my_store():
+        await conformance.task_store(lambda **options: open_my_store(**options))
+"""
+
+from turnbuckle.testing.conformance.tasks import REOPEN_SCENARIOS as REOPEN_SCENARIOS
+from turnbuckle.testing.conformance.tasks import TASK_STORE_SCENARIOS as TASK_STORE_SCENARIOS
+from turnbuckle.testing.conformance.tasks import Corrupt as Corrupt
+from turnbuckle.testing.conformance.tasks import StoreFactory as StoreFactory
+from turnbuckle.testing.conformance.tasks import corrupt_rows as corrupt_rows
+from turnbuckle.testing.conformance.tasks import task_store as task_store
+from turnbuckle.testing.conformance.tasks import task_store_reopen as task_store_reopen
+
+__all__ = [
+    "REOPEN_SCENARIOS",
+    "TASK_STORE_SCENARIOS",
+    "Corrupt",
+    "StoreFactory",
+    "corrupt_rows",
+    "task_store",
+    "task_store_reopen",
+]
