@@ -52,9 +52,7 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> conformance.StoreFac
     return FACTORIES[request.param](tmp_path)
 
 
-@pytest.mark.parametrize(
-    "scenario", conformance.TASK_STORE_SCENARIOS, ids=lambda s: s.__name__
-)
+@pytest.mark.parametrize("scenario", conformance.TASK_STORE_SCENARIOS, ids=lambda s: s.__name__)
 async def test_task_store(make: conformance.StoreFactory, scenario: Scenario) -> None:
     await scenario(make)
 
@@ -91,7 +89,9 @@ async def test_reopen(tmp_path: Path, durability: str, scenario: Scenario) -> No
     @contextlib.asynccontextmanager
     async def make(**options: Any) -> AsyncIterator[turnbuckle.Store]:
         async with turnbuckle.open_store(
-            f"sqlite:///{tmp_path}/same.db", durability=durability, **options  # type: ignore[arg-type]
+            f"sqlite:///{tmp_path}/same.db",
+            durability=durability,
+            **options,  # type: ignore[arg-type]
         ) as store:
             yield store
 

@@ -1,5 +1,11 @@
-"""anyio actors: the runtime, per-session actors and workers.
+"""anyio actors: one owner per resource, serving requests serially, replying once.
 
-The session runtime arrives with the turn machine. Today the one actor is the SQLite adapter's
-owner thread (:mod:`turnbuckle.adapters.sqlite`), which serves each store's queue of operations.
+Today this holds the reply primitive the SQLite adapter's owner thread uses
+(:class:`~turnbuckle.actors.oneshot.ThreadReply`); the session runtime (per-session actors,
+mailboxes, workers) builds on the same rules: bounded mailboxes, one-shot replies that never
+block the actor, and writes never abandoned on cancellation.
 """
+
+from turnbuckle.actors.oneshot import ThreadReply as ThreadReply
+
+__all__ = ["ThreadReply"]

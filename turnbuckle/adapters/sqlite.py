@@ -37,7 +37,6 @@ network filesystem, and all processes using a file must be on one host.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import queue
@@ -46,10 +45,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, Literal, TypeVar
 
-import anyio
 import apsw
-import sniffio
 
+from turnbuckle.actors.oneshot import ThreadReply
 from turnbuckle.adapters.tasks import TaskTable
 from turnbuckle.errors import (
     ForeignDatabaseError,
@@ -391,30 +389,12 @@ _STOP: Final = object()
 class _Request:
     """One operation and its one-shot reply, handed from the event loop to the owner thread."""
 
-    __slots__ = ("done", "fn", "outcome", "schedule", "writes")
+    __slots__ = ("fn", "reply", "writes")
 
     def __init__(self, fn: Callable[[Any], Any], writes: bool) -> None:
         self.fn = fn
         self.writes = writes
-        self.done = anyio.Event()
-        self.schedule = _loop_scheduler()
-        self.outcome: tuple[bool, Any] = (False, None)
-
-    def reply(self, ok: bool, value: Any) -> None:
-        """Called on the owner thread: store the outcome and wake the waiting caller."""
-        self.outcome = (ok, value)
-        # RuntimeError: the caller's event loop has ended, so nobody is waiting.
-        with contextlib.suppress(RuntimeError):
-            self.schedule(self.done.set)
-
-
-def _loop_scheduler() -> Callable[[Callable[[], object]], object]:
-    """A thread-safe "run this soon on the current event loop" for trio or asyncio."""
-    if sniffio.current_async_library() == "trio":
-        import trio
-
-        return trio.lowlevel.current_trio_token().run_sync_soon
-    return asyncio.get_running_loop().call_soon_threadsafe
+        self.reply: ThreadReply[Any] = ThreadReply()
 
 
 class SqliteRunner:
@@ -459,12 +439,11 @@ class SqliteRunner:
         )
         self._closed = False
         thread.start()
-        with anyio.CancelScope(shield=True):
-            await opened.done.wait()
-        ok, value = opened.outcome
-        if not ok:
+        try:
+            await opened.reply.wait(shield=True)
+        except BaseException:
             self._closed = True
-            raise value
+            raise
 
     async def run(self, fn: Callable[[TaskTable], T], *, writes: bool) -> T:
         """Run ``fn(table)`` atomically on the owner thread and return its result.
@@ -478,15 +457,8 @@ class SqliteRunner:
             if self._closed:
                 raise StoreClosedError("sqlite")
             self._queue.put(request)
-        if writes:
-            with anyio.CancelScope(shield=True):
-                await request.done.wait()
-        else:
-            await request.done.wait()
-        ok, value = request.outcome
-        if ok:
-            return value  # type: ignore[no-any-return]
-        raise value
+        # A write's caller waits for the outcome even when cancelled: never a phantom commit.
+        return await request.reply.wait(shield=writes)  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         """Finish every queued request, checkpoint, and close the connection. Idempotent."""
@@ -497,8 +469,7 @@ class SqliteRunner:
                 self._queue.put(_STOP)
         stopped = self._stopped
         if stopped is not None:
-            with anyio.CancelScope(shield=True):
-                await stopped.done.wait()
+            await stopped.reply.wait(shield=True)
 
     # --- the owner thread ---
 
@@ -511,12 +482,12 @@ class SqliteRunner:
                 verify=self._verify,
             )
         except BaseException as exc:
-            opened.reply(False, map_error(exc, self.path, self._busy_s))
+            opened.reply.fail(map_error(exc, self.path, self._busy_s))
             self._shut(None)
             return
         self._conn = conn
         table = SqliteTaskTable(conn)
-        opened.reply(True, None)
+        opened.reply.send(None)
         try:
             stop = False
             while not stop:
@@ -546,14 +517,14 @@ class SqliteRunner:
             except queue.Empty:
                 break
             if item is not _STOP:
-                item.reply(False, StoreClosedError("sqlite"))
+                item.reply.fail(StoreClosedError("sqlite"))
         if conn is not None:
             # Fails only while another connection is busy with the WAL; it will checkpoint.
             with contextlib.suppress(apsw.Error):
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             conn.close()
         if self._stopped is not None:
-            self._stopped.reply(True, None)
+            self._stopped.reply.send(None)
 
     def _serve(self, conn: apsw.Connection, table: SqliteTaskTable, batch: list[_Request]) -> None:
         try:
@@ -561,7 +532,7 @@ class SqliteRunner:
         except _BeginFailed as failed:
             error = map_error(failed.cause, self.path, self._busy_s)
             for request in batch:
-                request.reply(False, error)
+                request.reply.fail(error)
             return
         except BaseException as exc:
             if len(batch) > 1:
@@ -572,7 +543,10 @@ class SqliteRunner:
                 return
             outcomes = [(False, map_error(exc, self.path, self._busy_s))]
         for request, (ok, value) in zip(batch, outcomes, strict=True):
-            request.reply(ok, value)
+            if ok:
+                request.reply.send(value)
+            else:
+                request.reply.fail(value)
 
     def _transaction(
         self, conn: apsw.Connection, table: SqliteTaskTable, batch: list[_Request]

@@ -38,7 +38,6 @@ from turnbuckle.sansio.task import (
     TaskRpcError,
     TaskStatus,
     TaskSuccess,
-    parse_timestamp,
 )
 from turnbuckle.testing.fakes import FakeClock, SeededIds
 
@@ -62,18 +61,29 @@ C, F, X = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
 ALL = (W, IR, C, F, X)
 
 
-def make_task(task_id: str, session_id: str | None = None,
-              created_at: str = "2025-06-01T00:00:00Z") -> TaskRecord:
+def make_task(
+    task_id: str, session_id: str | None = None, created_at: str = "2025-06-01T00:00:00Z"
+) -> TaskRecord:
     """A minimal working task, as the reference's ``make_task``."""
-    return TaskRecord(task_id=task_id, session_id=session_id, created_at=created_at,
-                      last_updated_at=created_at, original_method="tools/call")
+    return TaskRecord(
+        task_id=task_id,
+        session_id=session_id,
+        created_at=created_at,
+        last_updated_at=created_at,
+        original_method="tools/call",
+    )
 
 
 def make_full_task(task_id: str, session_id: str, created_at: str) -> TaskRecord:
     """A task with every optional field set, as the reference's ``make_full_task``."""
     return TaskRecord(
-        task_id=task_id, session_id=session_id, status_message="Processing...",
-        created_at=created_at, last_updated_at=created_at, ttl=60_000, poll_interval=5_000,
+        task_id=task_id,
+        session_id=session_id,
+        status_message="Processing...",
+        created_at=created_at,
+        last_updated_at=created_at,
+        ttl=60_000,
+        poll_interval=5_000,
         original_method="tools/call",
         original_params={"tool": "calculator", "args": {"a": 1, "b": 2}},
         meta={"key1": "value1", "key2": 42},
@@ -90,8 +100,7 @@ async def _raises(expected: TurnbuckleError, call: Awaitable[Any]) -> None:
     raise AssertionError(f"expected {expected!r}, nothing was raised")
 
 
-async def _raises_type(expected: type[TurnbuckleError], call: Awaitable[Any]
-                       ) -> TurnbuckleError:
+async def _raises_type(expected: type[TurnbuckleError], call: Awaitable[Any]) -> TurnbuckleError:
     try:
         await call
     except TurnbuckleError as exc:
@@ -100,8 +109,7 @@ async def _raises_type(expected: type[TurnbuckleError], call: Awaitable[Any]
     raise AssertionError(f"expected {expected.__name__}, nothing was raised")
 
 
-async def _all(store: Store, session_id: str | None = None, limit: int = 1000
-               ) -> list[str]:
+async def _all(store: Store, session_id: str | None = None, limit: int = 1000) -> list[str]:
     ids: list[str] = []
     cursor = None
     while True:
@@ -143,12 +151,11 @@ async def state_machine_enforcement(make: StoreFactory) -> None:
         updated = await store.tasks.update_task_status("parity-sm-1", C)
         assert updated.status is C
         await store.tasks.create_task(make_task("parity-sm-2", None, "2025-06-01T00:00:01Z"))
-        await _raises(InvalidTransition(W, W),
-                      store.tasks.update_task_status("parity-sm-2", W))
-        await _raises(TaskNotFound("nonexistent"),
-                      store.tasks.update_task_status("nonexistent", C))
+        await _raises(InvalidTransition(W, W), store.tasks.update_task_status("parity-sm-2", W))
+        await _raises(TaskNotFound("nonexistent"), store.tasks.update_task_status("nonexistent", C))
         assert (await store.tasks.get_task("parity-sm-2")) == make_task(
-            "parity-sm-2", None, "2025-06-01T00:00:01Z")
+            "parity-sm-2", None, "2025-06-01T00:00:01Z"
+        )
 
 
 async def terminal_state_rejection(make: StoreFactory) -> None:
@@ -159,8 +166,9 @@ async def terminal_state_rejection(make: StoreFactory) -> None:
             await store.tasks.create_task(make_task(task_id, None, f"2025-06-01T00:00:0{i}Z"))
             done = await store.tasks.update_task_status(task_id, terminal)
             for target in ALL:
-                await _raises(TerminalState(terminal),
-                              store.tasks.update_task_status(task_id, target, "late"))
+                await _raises(
+                    TerminalState(terminal), store.tasks.update_task_status(task_id, target, "late")
+                )
             assert await store.tasks.get_task(task_id) == done
 
 
@@ -169,8 +177,9 @@ async def cursor_determinism(make: StoreFactory) -> None:
     async with make() as store:
         ids = [f"parity-cursor-{i:02}" for i in range(10)]
         for task_id in reversed(ids):
-            await store.tasks.create_task(make_task(task_id, "cursor-session",
-                                                    "2025-06-01T12:00:00Z"))
+            await store.tasks.create_task(
+                make_task(task_id, "cursor-session", "2025-06-01T12:00:00Z")
+            )
         assert await _all(store, "cursor-session", limit=3) == ids
         assert await _all(store, None, limit=3) == ids
         page = await store.tasks.list_tasks_for_session("cursor-session", None, 10)
@@ -182,9 +191,11 @@ async def session_scoping(make: StoreFactory) -> None:
     async with make() as store:
         await store.tasks.create_task(make_task("parity-scope-a1", "scope-sess-A"))
         await store.tasks.create_task(
-            make_task("parity-scope-a2", "scope-sess-A", "2025-06-01T00:00:01Z"))
+            make_task("parity-scope-a2", "scope-sess-A", "2025-06-01T00:00:01Z")
+        )
         await store.tasks.create_task(
-            make_task("parity-scope-b1", "scope-sess-B", "2025-06-01T00:00:02Z"))
+            make_task("parity-scope-b1", "scope-sess-B", "2025-06-01T00:00:02Z")
+        )
         await store.tasks.create_task(make_task("parity-unscoped", None))
         page_a = await store.tasks.list_tasks_for_session("scope-sess-A")
         assert [t.task_id for t in page_a.tasks] == ["parity-scope-a1", "parity-scope-a2"]
@@ -197,12 +208,12 @@ async def session_scoping(make: StoreFactory) -> None:
 async def ttl_expiry(make: StoreFactory) -> None:
     """An expired task (any status) is returned and removed; no-TTL and live-TTL tasks stay."""
     async with make() as store:
-        expired = attrs.evolve(make_task("parity-ttl-expired", None, "2020-01-01T00:00:00Z"),
-                               ttl=1)
+        expired = attrs.evolve(make_task("parity-ttl-expired", None, "2020-01-01T00:00:00Z"), ttl=1)
         await store.tasks.create_task(expired)
         await store.tasks.create_task(make_task("parity-ttl-keep", None, "2020-01-01T00:00:00Z"))
-        future = attrs.evolve(make_task("parity-ttl-future", None, "2099-01-01T00:00:00Z"),
-                              ttl=999_999_999)
+        future = attrs.evolve(
+            make_task("parity-ttl-future", None, "2099-01-01T00:00:00Z"), ttl=999_999_999
+        )
         await store.tasks.create_task(future)
         assert await store.tasks.expire_tasks() == ["parity-ttl-expired"]
         assert await store.tasks.get_task("parity-ttl-expired") is None
@@ -215,31 +226,37 @@ async def task_result_round_trip(make: StoreFactory) -> None:
     """Success and JSON-RPC error outcomes come back exactly as stored."""
     async with make() as store:
         await store.tasks.create_task(make_task("parity-result-ok"))
-        success = TaskSuccess({"content": [{"type": "text", "text": "Result data"}],
-                               "isError": False, "structuredContent": {"value": 42}})
+        success = TaskSuccess(
+            {
+                "content": [{"type": "text", "text": "Result data"}],
+                "isError": False,
+                "structuredContent": {"value": 42},
+            }
+        )
         await store.tasks.store_task_result("parity-result-ok", success)
         assert await store.tasks.get_task_result("parity-result-ok") == success
         assert (await store.tasks.get_task("parity-result-ok")).status is W  # type: ignore[union-attr]
-        await store.tasks.create_task(make_task("parity-result-err", None,
-                                                "2025-06-01T00:00:01Z"))
-        error = TaskRpcError(code=-32010, message="Tool execution failed",
-                             data={"detail": "division by zero"})
+        await store.tasks.create_task(make_task("parity-result-err", None, "2025-06-01T00:00:01Z"))
+        error = TaskRpcError(
+            code=-32010, message="Tool execution failed", data={"detail": "division by zero"}
+        )
         await store.tasks.store_task_result("parity-result-err", error)
         assert await store.tasks.get_task_result("parity-result-err") == error
         await store.tasks.create_task(make_task("parity-result-none", None))
         assert await store.tasks.get_task_result("parity-result-none") is None
         await _raises(TaskNotFound("nonexistent"), store.tasks.get_task_result("nonexistent"))
-        await _raises(TaskNotFound("nonexistent"),
-                      store.tasks.store_task_result("nonexistent", success))
+        await _raises(
+            TaskNotFound("nonexistent"), store.tasks.store_task_result("nonexistent", success)
+        )
 
 
 async def recover_stuck_tasks(make: StoreFactory) -> None:
-    """Old live tasks fail with the restart message and an error outcome; others are untouched.
-    """
+    """Old live tasks fail with the restart message and an error outcome; others are untouched."""
     async with make() as store:
         await store.tasks.create_task(make_task("parity-stuck-1", None, "2020-01-01T00:00:00Z"))
-        stuck_ir = attrs.evolve(make_task("parity-stuck-2", None, "2020-01-01T00:00:01Z"),
-                                status=IR)
+        stuck_ir = attrs.evolve(
+            make_task("parity-stuck-2", None, "2020-01-01T00:00:01Z"), status=IR
+        )
         await store.tasks.create_task(stuck_ir)
         await store.tasks.create_task(make_task("parity-recent", None, "2099-01-01T00:00:00Z"))
         done = attrs.evolve(make_task("parity-done", None, "2020-01-01T00:00:02Z"), status=C)
@@ -260,10 +277,10 @@ async def max_tasks_limit(make: StoreFactory) -> None:
     """With max_tasks=n, the (n+1)th create is MaxTasksReached(n); a delete makes room."""
     async with make(max_tasks=5) as store:
         for i in range(5):
-            await store.tasks.create_task(make_task(f"parity-max-{i}", None,
-                                                    f"2025-06-01T00:00:{i:02}Z"))
-        await _raises(MaxTasksReached(5),
-                      store.tasks.create_task(make_task("parity-max-overflow")))
+            await store.tasks.create_task(
+                make_task(f"parity-max-{i}", None, f"2025-06-01T00:00:{i:02}Z")
+            )
+        await _raises(MaxTasksReached(5), store.tasks.create_task(make_task("parity-max-overflow")))
         assert await store.tasks.task_count() == 5
         assert await store.tasks.get_task("parity-max-overflow") is None
         await store.tasks.delete_task("parity-max-0")
@@ -277,16 +294,18 @@ async def error_mapping_parity(make: StoreFactory) -> None:
 
     async with make() as store:
         err = await _raises_type(
-            turnbuckle.TaskNotFound,
-            store.tasks.update_task_status("error-parity-missing", C))
+            turnbuckle.TaskNotFound, store.tasks.update_task_status("error-parity-missing", C)
+        )
         assert err.task_id == "error-parity-missing"  # type: ignore[attr-defined]
         await store.tasks.create_task(make_task("error-parity-inv"))
-        err = await _raises_type(turnbuckle.InvalidTransition,
-                                 store.tasks.update_task_status("error-parity-inv", W))
+        err = await _raises_type(
+            turnbuckle.InvalidTransition, store.tasks.update_task_status("error-parity-inv", W)
+        )
         assert (err.current, err.requested) == (W, W)  # type: ignore[attr-defined]
         await store.tasks.update_task_status("error-parity-inv", C)
-        err = await _raises_type(turnbuckle.TerminalState,
-                                 store.tasks.update_task_status("error-parity-inv", W))
+        err = await _raises_type(
+            turnbuckle.TerminalState, store.tasks.update_task_status("error-parity-inv", W)
+        )
         assert err.status is C  # type: ignore[attr-defined]
 
 
@@ -385,19 +404,32 @@ async def update_task_replaces_fields(make: StoreFactory) -> None:
     async with make(clock=clock) as store:
         original = await store.tasks.create_task(make_full_task("u", "s", "2025-06-01T00:00:00Z"))
         clock.advance(10)
-        wanted = attrs.evolve(original, status=IR, status_message="need a file", ttl=None,
-                              meta={"step": 2}, created_at="", last_updated_at="")
+        wanted = attrs.evolve(
+            original,
+            status=IR,
+            status_message="need a file",
+            ttl=None,
+            meta={"step": 2},
+            created_at="",
+            last_updated_at="",
+        )
         updated = await store.tasks.update_task(wanted)
-        assert updated == attrs.evolve(wanted, created_at=original.created_at,
-                                       last_updated_at="2025-06-01T00:00:00.010Z")
+        assert updated == attrs.evolve(
+            wanted, created_at=original.created_at, last_updated_at="2025-06-01T00:00:00.010Z"
+        )
         assert await store.tasks.get_task("u") == updated
         await _raises(InvalidTransition(IR, IR), store.tasks.update_task_status("u", IR))
-        await _raises_type(InvalidArgument,
-                           store.tasks.update_task(attrs.evolve(updated, session_id="other")))
-        await _raises_type(InvalidArgument, store.tasks.update_task(
-            attrs.evolve(updated, created_at="2024-01-01T00:00:00Z")))
-        await _raises(TaskNotFound("missing"),
-                      store.tasks.update_task(attrs.evolve(updated, task_id="missing")))
+        await _raises_type(
+            InvalidArgument, store.tasks.update_task(attrs.evolve(updated, session_id="other"))
+        )
+        await _raises_type(
+            InvalidArgument,
+            store.tasks.update_task(attrs.evolve(updated, created_at="2024-01-01T00:00:00Z")),
+        )
+        await _raises(
+            TaskNotFound("missing"),
+            store.tasks.update_task(attrs.evolve(updated, task_id="missing")),
+        )
         assert await store.tasks.get_task("u") == updated
         finished = await store.tasks.update_task(attrs.evolve(updated, status=C))
         assert finished.status is C
@@ -412,30 +444,47 @@ async def bad_payloads_change_nothing(make: StoreFactory) -> None:
         base = make_task("ok")
         await store.tasks.create_task(base)
         not_json: list[tuple[Any, str]] = [
-            ({"a": {1, 2}}, "$.a"), ({"a": b"x"}, "$.a"), ({"a": (1, 2)}, "$.a"),
-            ({"a": [1, float("nan")]}, "$.a[1]"), ({"a": float("inf")}, "$.a"),
-            ({1: "x"}, "$"), ({"a": "\ud800"}, "$.a"), ({"a": object()}, "$.a"),
+            ({"a": {1, 2}}, "$.a"),
+            ({"a": b"x"}, "$.a"),
+            ({"a": (1, 2)}, "$.a"),
+            ({"a": [1, float("nan")]}, "$.a[1]"),
+            ({"a": float("inf")}, "$.a"),
+            ({1: "x"}, "$"),
+            ({"a": "\ud800"}, "$.a"),
+            ({"a": object()}, "$.a"),
         ]
         for params, path in not_json:
-            err = await _raises_type(PayloadNotSerializable, store.tasks.create_task(
-                attrs.evolve(make_task("bad"), original_params=params)))
+            err = await _raises_type(
+                PayloadNotSerializable,
+                store.tasks.create_task(attrs.evolve(make_task("bad"), original_params=params)),
+            )
             assert err.path == path, (params, err)  # type: ignore[attr-defined]
-            err = await _raises_type(PayloadNotSerializable, store.tasks.complete_task(
-                "ok", TaskSuccess(params)))
-        big = {"blob": "x" * 2000}
-        err = await _raises_type(PayloadTooLarge, store.tasks.create_task(
-            attrs.evolve(make_task("bad"), meta=big)))
+            err = await _raises_type(
+                PayloadNotSerializable, store.tasks.complete_task("ok", TaskSuccess(params))
+            )
+        big: dict[str, Any] = {"blob": "x" * 2000}
+        err = await _raises_type(
+            PayloadTooLarge, store.tasks.create_task(attrs.evolve(make_task("bad"), meta=big))
+        )
         assert err.limit == 1000 and err.size > 1000  # type: ignore[attr-defined]
         await _raises_type(PayloadTooLarge, store.tasks.store_task_result("ok", TaskSuccess(big)))
         bad_fields: list[dict[str, Any]] = [
-            {"ttl": -1}, {"ttl": True}, {"ttl": 2**63}, {"poll_interval": "5"},
-            {"created_at": "yesterday"}, {"created_at": "2025-06-01T00:00:00"},
-            {"status": "working"}, {"session_id": 7}, {"original_method": None},
-            {"meta": ["not", "a", "dict"]}, {"task_id": "\udc00"},
+            {"ttl": -1},
+            {"ttl": True},
+            {"ttl": 2**63},
+            {"poll_interval": "5"},
+            {"created_at": "yesterday"},
+            {"created_at": "2025-06-01T00:00:00"},
+            {"status": "working"},
+            {"session_id": 7},
+            {"original_method": None},
+            {"meta": ["not", "a", "dict"]},
+            {"task_id": "\udc00"},
         ]
         for change in bad_fields:
-            await _raises_type(InvalidArgument, store.tasks.create_task(
-                attrs.evolve(make_task("bad"), **change)))
+            await _raises_type(
+                InvalidArgument, store.tasks.create_task(attrs.evolve(make_task("bad"), **change))
+            )
         await _raises_type(InvalidArgument, store.tasks.create_task("not a record"))  # type: ignore[arg-type]
         await _raises_type(InvalidArgument, store.tasks.update_task_status("ok", "completed"))  # type: ignore[arg-type]
         await _raises_type(InvalidArgument, store.tasks.complete_task("ok", {"x": 1}))  # type: ignore[arg-type]
@@ -457,8 +506,10 @@ async def bad_listing_arguments(make: StoreFactory) -> None:
         assert page.next_cursor is not None
         for cursor in ("", "garbage", "t0", page.next_cursor[:-2]):
             await _raises(InvalidCursor(cursor), store.tasks.list_tasks(cursor))
-        await _raises(InvalidCursor(page.next_cursor),
-                      store.tasks.list_tasks_for_session("B", page.next_cursor))
+        await _raises(
+            InvalidCursor(page.next_cursor),
+            store.tasks.list_tasks_for_session("B", page.next_cursor),
+        )
         await _raises(InvalidCursor(page.next_cursor), store.tasks.list_tasks(page.next_cursor))
 
 
@@ -499,7 +550,7 @@ async def returned_values_are_copies(make: StoreFactory) -> None:
         params["args"].append(3)
         got = await store.tasks.get_task("c")
         assert got is not None and got.original_params == {"args": [1, 2]}
-        got.original_params["args"].append(4)  # type: ignore[index, union-attr]
+        got.original_params["args"].append(4)  # type: ignore[union-attr]
         again = await store.tasks.get_task("c")
         assert again is not None and again.original_params == {"args": [1, 2]}
 
@@ -571,8 +622,9 @@ async def corrupt_rows(make: StoreFactory, corrupt: Corrupt) -> None:
             assert (err.table, err.key) == ("tasks", task_id)  # type: ignore[attr-defined]
         await _raises_type(CorruptRecordError, store.tasks.get_task_result("bad-result"))
         await _raises_type(CorruptRecordError, store.tasks.update_task_status("bad-status", C))
-        await _raises_type(CorruptRecordError, store.tasks.complete_task("bad-meta",
-                                                                         TaskSuccess(1)))
+        await _raises_type(
+            CorruptRecordError, store.tasks.complete_task("bad-meta", TaskSuccess(1))
+        )
         page = await store.tasks.list_tasks_for_session("s")
         assert [t.task_id for t in page.tasks] == ["a", "z"]
         assert sorted(page.corrupt_ids) == ["bad-meta", "bad-result", "bad-status"]
@@ -605,9 +657,7 @@ async def reopen_keeps_everything(make: StoreFactory) -> None:
         assert await store.tasks.task_count() == 3
 
 
-REOPEN_SCENARIOS: tuple[Callable[[StoreFactory], Awaitable[None]], ...] = (
-    reopen_keeps_everything,
-)
+REOPEN_SCENARIOS: tuple[Callable[[StoreFactory], Awaitable[None]], ...] = (reopen_keeps_everything,)
 
 
 async def task_store(make: StoreFactory, *, corrupt: Corrupt | None = None) -> None:
