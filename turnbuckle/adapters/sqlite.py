@@ -327,8 +327,7 @@ def _open_connection(
             conn.execute("UPDATE tb_meta SET value = value + 1 WHERE key = 'open_count'")
             conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
         _switch_to_wal(conn)
         conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
@@ -363,6 +362,17 @@ def _check_or_create_schema(conn: apsw.Connection, path: str) -> None:
         raise ForeignDatabaseError(path, app_id, version)
     elif version != SCHEMA_VERSION:
         raise UnsupportedSchemaVersion(path, SCHEMA_VERSION, version)
+
+
+def _rollback(conn: apsw.Connection) -> None:
+    """Leave the connection outside any transaction, whatever failed.
+
+    SQLite may already have rolled back by itself (after FULL, IOERR, NOMEM: "may or may not"),
+    so look before rolling back; and a failing ROLLBACK must not hide the error that led here.
+    """
+    if conn.in_transaction:
+        with contextlib.suppress(apsw.Error):
+            conn.execute("ROLLBACK")
 
 
 def _switch_to_wal(conn: apsw.Connection) -> None:
@@ -572,8 +582,7 @@ class SqliteRunner:
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
         return outcomes
 
