@@ -29,6 +29,7 @@ from turnbuckle.sansio.task import (
     TaskRecord,
     TaskRow,
     TaskStatus,
+    apply_message,
     apply_outcome,
     apply_recovery,
     apply_replace,
@@ -161,8 +162,12 @@ class TaskFacet:
     async def update_task(self, record: TaskRecord) -> TaskRecord:
         """Replace a live task's fields (see :func:`~turnbuckle.sansio.task.apply_replace`).
 
+        Pass back the ``last_updated_at`` you read to have the write refused if the task changed
+        meanwhile; leave it empty to overwrite regardless.
+
         Raises:
             TaskNotFound: no task has ``record.task_id``.
+            ConcurrentModification: the task changed since ``record.last_updated_at``.
             TerminalState: the task already ended.
             InvalidTransition: the new status is not reachable from the stored one.
             InvalidArgument, PayloadNotSerializable, PayloadTooLarge: a bad field.
@@ -216,6 +221,17 @@ class TaskFacet:
             task_id, lambda row: apply_status(row, status, message, now_ms=now_ms)
         )
 
+    async def set_status_message(self, task_id: str, message: str | None) -> TaskRecord:
+        """Report progress: set a live task's status message, keeping its status.
+
+        Raises:
+            TaskNotFound: no such task.
+            TerminalState: the task already ended.
+            InvalidArgument: ``message`` is not a str or None.
+        """
+        now_ms = self._clock.now_ms()
+        return await self._change(task_id, lambda row: apply_message(row, message, now_ms=now_ms))
+
     async def store_task_result(self, task_id: str, outcome: TaskOutcome) -> None:
         """Store the outcome of a live task, keeping its status.
 
@@ -253,6 +269,7 @@ class TaskFacet:
         Raises:
             TaskNotFound: no such task.
             TerminalState: the task already ended (for instance, it was cancelled).
+            InvalidArgument, PayloadNotSerializable, PayloadTooLarge: a bad outcome.
         """
         return await self._finish(task_id, outcome, TaskStatus.COMPLETED, message)
 
@@ -265,6 +282,7 @@ class TaskFacet:
         Raises:
             TaskNotFound: no such task.
             TerminalState: the task already ended.
+            InvalidArgument, PayloadNotSerializable, PayloadTooLarge: a bad outcome.
         """
         return await self._finish(task_id, outcome, TaskStatus.FAILED, message)
 

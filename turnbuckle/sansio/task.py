@@ -43,6 +43,7 @@ from typing import Any, Final, Protocol, TypeAlias
 import attrs
 
 from turnbuckle.errors import (
+    ConcurrentModification,
     CorruptRecordError,
     InvalidArgument,
     InvalidCursor,
@@ -71,6 +72,7 @@ __all__ = [
     "TaskRpcError",
     "TaskStatus",
     "TaskSuccess",
+    "apply_message",
     "apply_outcome",
     "apply_replace",
     "apply_status",
@@ -480,10 +482,13 @@ def row_to_record(row: TaskRow) -> TaskRecord:
 
 
 def _touch(row: TaskRow, now_ms: int, **changes: Any) -> TaskRow:
+    # last_updated_at strictly grows per task, even when two writes land in one millisecond or
+    # the wall clock steps back, so it doubles as the version update_task compares against.
+    stamp = max(now_ms, row.updated_ms + 1)
     return attrs.evolve(
         row,
-        last_updated_at=format_timestamp(now_ms),
-        updated_ms=now_ms,
+        last_updated_at=format_timestamp(stamp),
+        updated_ms=stamp,
         version=row.version + 1,
         **changes,
     )
@@ -531,16 +536,31 @@ def apply_outcome(
         InvalidArgument, PayloadNotSerializable, PayloadTooLarge: a bad outcome.
     """
     current = _current_status(row)
-    encoded = _encode_outcome(outcome, max_payload_bytes)
+    if current.is_terminal:
+        raise TerminalState(current)
     if outcome is None:
         raise InvalidArgument("outcome must be TaskSuccess or TaskRpcError, got None")
+    encoded = _encode_outcome(outcome, max_payload_bytes)
     if status is None:
-        if current.is_terminal:
-            raise TerminalState(current)
         return _touch(row, now_ms, result=encoded)
     check_text("status_message", message, optional=True)
     check_transition(current, status)
     return _touch(row, now_ms, result=encoded, status=status.value, status_message=message)
+
+
+def apply_message(row: TaskRow, message: str | None, *, now_ms: int) -> TaskRow:
+    """Set the status message of a live task without moving it (progress reports: MCP shows
+    ``statusMessage`` on ``tasks/get``).
+
+    Raises:
+        TerminalState: the task already ended.
+        InvalidArgument: ``message`` is not a str or None.
+    """
+    check_text("status_message", message, optional=True)
+    current = _current_status(row)
+    if current.is_terminal:
+        raise TerminalState(current)
+    return _touch(row, now_ms, status_message=message)
 
 
 def apply_replace(
@@ -554,9 +574,12 @@ def apply_replace(
 
     The id, session and creation time are the task's identity and cannot change (empty
     ``created_at`` means "keep"); a status change must be a legal move; a terminal task refuses
-    every change. ``last_updated_at`` is stamped with ``now_ms``.
+    every change. ``last_updated_at`` is the version the caller read: if it is set and the
+    stored task has changed since, nothing is written (empty means "overwrite regardless").
+    The new ``last_updated_at`` is stamped by the store.
 
     Raises:
+        ConcurrentModification: the task changed since ``record.last_updated_at``.
         TerminalState, InvalidTransition: the status rules.
         InvalidArgument: an identity field differs, or a field has the wrong type.
         PayloadNotSerializable, PayloadTooLarge: a bad payload.
@@ -565,6 +588,8 @@ def apply_replace(
     if current.is_terminal:
         raise TerminalState(current)
     fresh = new_row(record, now_ms=now_ms, ids=_NoIds(), max_payload_bytes=max_payload_bytes)
+    if record.last_updated_at and fresh.updated_ms != row.updated_ms:
+        raise ConcurrentModification(row.task_id)
     if record.created_at and fresh.created_ms != row.created_ms:
         raise InvalidArgument("update_task cannot change created_at")
     if record.session_id != row.session_id:

@@ -19,6 +19,7 @@ import attrs
 
 from turnbuckle.adapters.store import Store
 from turnbuckle.errors import (
+    ConcurrentModification,
     CorruptRecordError,
     InvalidArgument,
     InvalidCursor,
@@ -38,6 +39,7 @@ from turnbuckle.sansio.task import (
     TaskRpcError,
     TaskStatus,
     TaskSuccess,
+    parse_timestamp,
 )
 from turnbuckle.testing.fakes import FakeClock, SeededIds
 
@@ -437,6 +439,48 @@ async def update_task_replaces_fields(make: StoreFactory) -> None:
         assert await store.tasks.get_task("u") == finished
 
 
+async def update_task_is_optimistic(make: StoreFactory) -> None:
+    """update_task with the last_updated_at it read is refused, changing nothing, once another
+    writer has touched the task; with it empty it overwrites."""
+    async with make() as store:
+        read = await store.tasks.create_task(make_task("o"))
+        moved = await store.tasks.update_task_status("o", IR, "asked the user")
+        await _raises(
+            ConcurrentModification("o"),
+            store.tasks.update_task(attrs.evolve(read, status_message="stale write")),
+        )
+        assert await store.tasks.get_task("o") == moved
+        fresh = await store.tasks.update_task(attrs.evolve(moved, meta={"m": 1}))
+        assert (fresh.status, fresh.meta) == (IR, {"m": 1})
+        blind = await store.tasks.update_task(attrs.evolve(read, last_updated_at=""))
+        assert (blind.status, blind.meta) == (W, None)
+
+
+async def progress_messages(make: StoreFactory) -> None:
+    """set_status_message reports progress on a live task without moving it; every write
+    stamps a strictly later last_updated_at, even within one millisecond or when the clock
+    steps back."""
+    clock = FakeClock()
+    async with make(clock=clock) as store:
+        task = await store.tasks.create_task(TaskRecord(task_id="p", original_method="m"))
+        stamps = [task.last_updated_at]
+        for percent in (10, 50, 90):
+            task = await store.tasks.set_status_message("p", f"{percent}%")
+            assert (task.status, task.status_message) == (W, f"{percent}%")
+            stamps.append(task.last_updated_at)
+        clock.set(clock.now_ms() - 60_000)
+        task = await store.tasks.update_task_status("p", IR, "need input")
+        task = await store.tasks.set_status_message("p", "still waiting")
+        assert (task.status, task.status_message) == (IR, "still waiting")
+        stamps.append(task.last_updated_at)
+        instants = [parse_timestamp("t", stamp) for stamp in stamps]
+        assert instants == sorted(set(instants)), stamps
+        await store.tasks.complete_task("p", TaskSuccess(None))
+        await _raises(TerminalState(C), store.tasks.set_status_message("p", "late"))
+        await _raises(TaskNotFound("q"), store.tasks.set_status_message("q", "x"))
+        await _raises_type(InvalidArgument, store.tasks.set_status_message("p", 5))  # type: ignore[arg-type]
+
+
 async def bad_payloads_change_nothing(make: StoreFactory) -> None:
     """Non-JSON payloads are PayloadNotSerializable naming the path; oversize ones are
     PayloadTooLarge; bad fields are InvalidArgument; the store is unchanged after each."""
@@ -595,6 +639,8 @@ TASK_STORE_SCENARIOS: tuple[Callable[[StoreFactory], Awaitable[None]], ...] = (
     duplicate_id_is_refused,
     finishing_is_atomic,
     update_task_replaces_fields,
+    update_task_is_optimistic,
+    progress_messages,
     bad_payloads_change_nothing,
     bad_listing_arguments,
     cursor_survives_deletes,
