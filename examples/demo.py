@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import os
 
-import attrs
 import trio
 
 from turnbuckle import (
@@ -58,9 +57,8 @@ async def fake_tool(
     """Stands in for a real tool: sleeps instead of working, and reports progress through the
     store, where a client polling tasks/get sees it."""
     await trio.sleep(pace)
-    # update_task_status only changes status (working -> working is refused), so progress within
-    # "working" replaces the record with a new status message; this worker is its only writer.
-    task = await store.tasks.update_task(attrs.evolve(task, status_message="50% done"))
+    # Progress: a new status message, same status (what tasks/get shows the polling client).
+    task = await store.tasks.set_status_message(task.task_id, "50% done")
     say(task, f"working         {task.status_message!r}")
     if plan == "crash":
         await trio.sleep_forever()  # still running when the process "crashes" below
@@ -76,8 +74,8 @@ async def fake_tool(
     await trio.sleep(pace)
     if plan == "fail":
         error = TaskRpcError(code=-32603, message="log service unreachable", data={"host": "db1"})
-        stored[task.task_id] = error
         await store.tasks.fail_task(task.task_id, error, "upstream error")
+        stored[task.task_id] = error
         say(task, f"failed          {error.message!r}")
         return
     result = {"content": [{"type": "text", "text": f"{name(task)}: done"}], "isError": False}
@@ -147,12 +145,14 @@ async def main() -> None:
         # running (and updating) are left alone. "More than" is strict, so let a moment pass.
         await trio.sleep(0.01)
         recovered = await store.tasks.recover_stuck_tasks(max_age_ms=0)
+        assert sorted(recovered) == sorted(task.task_id for task in in_flight)
         print(f"   restarted; recover_stuck_tasks failed {len(recovered)} tasks:")
         for task_id in recovered:
             task = await store.tasks.get_task(task_id)
             assert task is not None
             say(task, f"{task.status}  {await store.tasks.get_task_result(task_id)}")
 
+        # Keyset pagination: the cursor marks a position, so deletions between pages are safe.
         print("4. tasks/list pages through every task, 3 at a time, by (created_at, task_id)")
         page = await store.tasks.list_tasks(limit=3)
         number = 1
@@ -168,10 +168,12 @@ async def main() -> None:
 
         print("5. tasks/result returns exactly the outcome that was stored")
         for task in await all_tasks(store):
+            outcome = await store.tasks.get_task_result(task.task_id)
             if task.task_id in stored:
-                outcome = await store.tasks.get_task_result(task.task_id)
                 assert outcome == stored[task.task_id]
                 say(task, f"{type(outcome).__name__}, equal to what the worker stored")
+            elif task.status is TaskStatus.CANCELLED:
+                say(task, f"{outcome}: cancelled before a result was stored")
 
         print("6. Summary")
         counts = collections.Counter(task.status for task in await all_tasks(store))

@@ -172,6 +172,20 @@ def test_task_ids_sort_by_time(times: list[int], seed: int) -> None:
             assert a < b
 
 
+@given(
+    st.lists(st.integers(min_value=0, max_value=2**48 - 1), min_size=2, max_size=30),
+    st.integers(min_value=0),
+)
+def test_one_makers_ids_sort_in_making_order(times: list[int], seed: int) -> None:
+    """Any clock, same millisecond or stepping back: each id sorts after the one before."""
+    ids, previous = SeededIds(seed), None
+    for t in times:
+        made = make_task_id(t, ids, previous)
+        assert previous is None or made > previous
+        assert len(made) == 32 and made[12] == "7" and made[16] in "89ab"
+        previous = made
+
+
 def test_seeded_ids_replay() -> None:
     assert make_task_id(NOW, SeededIds(3)) == make_task_id(NOW, SeededIds(3))
     assert make_task_id(NOW, SeededIds(3)) != make_task_id(NOW, SeededIds(4))

@@ -121,6 +121,7 @@ class TaskFacet:
         self._ids = ids
         self._max_tasks = max_tasks
         self._limit = max_payload_bytes
+        self._last_id: str | None = None
         self.backend_name = backend_name
 
     async def create_task(self, record: TaskRecord) -> TaskRecord:
@@ -132,8 +133,14 @@ class TaskFacet:
             InvalidArgument, PayloadNotSerializable, PayloadTooLarge: a bad field.
         """
         row = new_row(
-            record, now_ms=self._clock.now_ms(), ids=self._ids, max_payload_bytes=self._limit
+            record,
+            now_ms=self._clock.now_ms(),
+            ids=self._ids,
+            max_payload_bytes=self._limit,
+            previous_id=self._last_id,
         )
+        if not record.task_id:
+            self._last_id = row.task_id
         max_tasks = self._max_tasks
 
         def op(table: TaskTable) -> TaskRecord:

@@ -253,17 +253,27 @@ class IdSource(Protocol):
         ...
 
 
-def make_task_id(now_ms: int, ids: IdSource) -> str:
+def make_task_id(now_ms: int, ids: IdSource, after: str | None = None) -> str:
     """A UUIDv7-layout id as 32 hex digits: 48 bits of time, then 74 random bits.
 
     Ids sort by creation time to the millisecond; the random part keeps them unguessable, as
-    MCP asks of task ids that may be used without a session binding.
+    MCP asks of task ids that may be used without a session binding. ``after`` is the previous
+    id the same maker returned: if the new one would not sort after it (same millisecond, or
+    the clock stepped back), it becomes ``after`` plus one (RFC 9562's monotonic method), so
+    one maker's ids sort in the order it made them.
     """
     rand = ids.random_bits(74)
     value = (now_ms & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76 | (rand >> 62) << 64  # version 7, then 12 random bits
-    value |= 0b10 << 62 | (rand & ((1 << 62) - 1))  # RFC 4122 variant, then 62 random bits
+    value |= 0b10 << 62 | (rand & _RAND_B)  # RFC 4122 variant, then 62 random bits
+    if after is not None:
+        previous = int(after, 16)
+        if value <= previous and previous & _RAND_B != _RAND_B:
+            value = previous + 1  # stays inside the 62 random bits: the layout holds
     return f"{value:032x}"
+
+
+_RAND_B: Final = (1 << 62) - 1
 
 
 def encode_cursor(session_id: str | None, created_ms: int, task_id: str) -> str:
@@ -404,8 +414,10 @@ def new_row(
     now_ms: int,
     ids: IdSource,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    previous_id: str | None = None,
 ) -> TaskRow:
-    """Validate a record for ``create_task`` and make its first row.
+    """Validate a record for ``create_task`` and make its first row. An empty ``task_id`` is
+    made with :func:`make_task_id` (``previous_id``: the last id made the same way).
 
     Raises:
         InvalidArgument: a field has the wrong type or range, or a time is not ISO-8601.
@@ -421,7 +433,7 @@ def new_row(
     for name in ("ttl", "poll_interval"):
         if getattr(record, name) is not None:
             check_int64(name, getattr(record, name))
-    task_id = record.task_id or make_task_id(now_ms, ids)
+    task_id = record.task_id or make_task_id(now_ms, ids, previous_id)
     created_at = record.created_at or format_timestamp(now_ms)
     created_ms = parse_timestamp("created_at", created_at)
     last_updated_at = record.last_updated_at or created_at
