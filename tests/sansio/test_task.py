@@ -20,7 +20,7 @@ from turnbuckle.errors import (
     PayloadTooLarge,
     TerminalState,
 )
-from turnbuckle.sansio.codec import decode_json, encode_json
+from turnbuckle.sansio.codec import MAX_DEPTH, decode_json, encode_json
 from turnbuckle.sansio.task import (
     TRANSITIONS,
     TaskRecord,
@@ -136,6 +136,43 @@ def test_non_json_names_the_path(value: object, path: str) -> None:
     with pytest.raises(PayloadNotSerializable) as caught:
         encode_json(value)
     assert caught.value.path == path
+
+
+def test_cycles_are_refused() -> None:
+    loop: list[object] = [1]
+    loop.append(loop)
+    with pytest.raises(PayloadNotSerializable) as caught:
+        encode_json({"a": loop})
+    assert caught.value.path == "$.a[1]"
+    shared = {"x": 1}
+    assert encode_json([shared, shared]) == '[{"x":1},{"x":1}]'  # shared is not a cycle
+    with pytest.raises(PayloadNotSerializable) as caught:
+        encode_json([shared, shared, {1: 2}])
+    assert caught.value.path == "$[2]"
+
+
+def nest(levels: int) -> object:
+    value: object = None
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_nesting_limit_is_exact() -> None:
+    assert decode_json(encode_json(nest(MAX_DEPTH))) == nest(MAX_DEPTH)
+    with pytest.raises(PayloadNotSerializable):
+        encode_json(nest(MAX_DEPTH + 1))
+
+
+def test_deep_nesting_is_refused_not_crashed() -> None:
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(PayloadNotSerializable) as caught:
+        encode_json(deep)
+    assert "nested" in caught.value.reason
+    with pytest.raises(CorruptRecordError):
+        row_to_record(attrs.evolve(row_in(W), meta='{"a":' + "[" * 100_000 + "]" * 100_000 + "}"))
 
 
 def test_size_limit_counts_utf8_bytes() -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, TypeAlias
+from typing import Any, Final, NoReturn, TypeAlias
 
 import cattrs
 
@@ -44,33 +44,78 @@ converter = cattrs.Converter()
 _INT64_MAX = (1 << 63) - 1
 
 
-def _check_plain(value: object) -> None:
-    """Walk ``value`` and raise at the first part that is not plain JSON."""
+def _is_plain(value: object) -> bool:
+    """True if ``value`` is plain JSON by type and depth (the fast check; strings are checked
+    when the encoded text is)."""
     # Exact type checks on purpose: a bool is fine, but an IntEnum or a str subclass would be
-    # stored as its base value and come back as something else.
-    stack: list[tuple[str, Any]] = [("$", value)]
+    # stored as its base value and come back as something else. Containers seen before are
+    # skipped, so a cycle ends the walk (the encoder then reports it).
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    seen: set[int] = set()
     while stack:
-        path, item = stack.pop()
+        item, depth = stack.pop()
         kind = type(item)
-        if item is None or kind is bool or kind is int:
+        if kind in _SCALARS:
             continue
-        if kind is str:
-            _check_text(path, item)
-        elif kind is float:
+        if kind is float:
             if not math.isfinite(item):
-                raise PayloadNotSerializable(path, "float", f"{item!r} has no JSON form")
-        elif kind is list:
-            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
-        elif kind is dict:
+                return False
+        elif kind is list or kind is dict:
+            if id(item) in seen:
+                continue
+            if depth >= MAX_DEPTH:
+                return False
+            seen.add(id(item))
+            if kind is dict:
+                if any(type(key) is not str for key in item):
+                    return False
+                item = item.values()
+            depth += 1
+            stack.extend((v, depth) for v in item)
+        else:
+            return False
+    return True
+
+
+_SCALARS: Final = frozenset({type(None), bool, int, str})
+
+
+def _raise_where(value: object) -> NoReturn:
+    """Walk ``value`` again, with paths, and raise for the first part that is not plain JSON."""
+    _find_bad("$", value, set(), 0)
+    raise PayloadNotSerializable("$", type(value).__name__, "rejected by the JSON encoder")
+
+
+def _find_bad(path: str, item: Any, ancestors: set[int], depth: int) -> None:
+    kind = type(item)
+    if kind is str:
+        _check_text(path, item)
+    elif kind is float and not math.isfinite(item):
+        raise PayloadNotSerializable(path, "float", f"{item!r} has no JSON form")
+    elif kind is list or kind is dict:
+        if id(item) in ancestors:
+            raise PayloadNotSerializable(path, kind.__name__, "it contains itself")
+        if depth >= MAX_DEPTH:
+            raise PayloadNotSerializable(path, kind.__name__, f"nested over {MAX_DEPTH} deep")
+        ancestors.add(id(item))
+        if kind is list:
+            for i, v in enumerate(item):
+                _find_bad(f"{path}[{i}]", v, ancestors, depth + 1)
+        else:
             for key, v in item.items():
                 if type(key) is not str:
                     raise PayloadNotSerializable(
                         path, type(key).__name__, f"object key {key!r} is not a str"
                     )
                 _check_text(path, key)
-                stack.append((f"{path}.{key}", v))
-        else:
-            raise PayloadNotSerializable(path, kind.__name__, "not a JSON type")
+                _find_bad(f"{path}.{key}", v, ancestors, depth + 1)
+        ancestors.discard(id(item))
+    elif kind not in _SCALARS and kind is not float:
+        raise PayloadNotSerializable(path, kind.__name__, "not a JSON type")
+
+
+#: Deepest nesting a payload may have (the JSON encoder and decoder recurse).
+MAX_DEPTH: Final = 200
 
 
 def _check_text(path: str, text: str) -> None:
@@ -80,6 +125,11 @@ def _check_text(path: str, text: str) -> None:
         raise PayloadNotSerializable(path, "str", "contains a lone surrogate") from exc
 
 
+_ENCODER: Final = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
+)
+
+
 def encode_json(value: object, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
     """Encode a plain JSON value canonically.
 
@@ -87,15 +137,15 @@ def encode_json(value: object, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str
         PayloadNotSerializable: ``value`` holds something that is not plain JSON.
         PayloadTooLarge: the UTF-8 encoding is longer than ``limit`` bytes.
     """
-    _check_plain(value)
-    text = json.dumps(
-        value, ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
-    )
-    # len(text) counts code points; only a long text can be over the byte limit.
-    if len(text) * 4 > limit:
+    if not _is_plain(value):
+        _raise_where(value)
+    try:
+        text = _ENCODER.encode(value)
         size = len(text.encode("utf-8"))
-        if size > limit:
-            raise PayloadTooLarge(size, limit)
+    except (ValueError, RecursionError):  # a cycle, a lone surrogate, or deep nesting
+        _raise_where(value)
+    if size > limit:
+        raise PayloadTooLarge(size, limit)
     return text
 
 
@@ -105,12 +155,15 @@ def decode_json(text: str) -> JSON:
     Raises:
         ValueError: the text is not valid JSON (callers turn this into ``CorruptRecordError``).
     """
-    value: JSON = json.loads(text, parse_constant=_refuse_constant)
+    value: JSON = _DECODER.decode(text)
     return value
 
 
 def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
+
+
+_DECODER: Final = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def check_text(name: str, value: object, *, optional: bool = False) -> None:

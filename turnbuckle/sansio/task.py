@@ -475,8 +475,8 @@ def row_to_record(row: TaskRow) -> TaskRecord:
         meta = None if row.meta is None else decode_json(row.meta)
         if meta is not None and not isinstance(meta, dict):
             raise ValueError("meta is not an object")
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CorruptRecordError("tasks", row.task_id, f"column {column}: {exc}") from exc
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        raise CorruptRecordError("tasks", row.task_id, f"column {column}: {exc!r}") from exc
     return TaskRecord(
         task_id=row.task_id,
         session_id=row.session_id,
