@@ -19,7 +19,7 @@ import anyio.lowlevel
 import attrs
 
 from turnbuckle.adapters.tasks import TaskTable
-from turnbuckle.errors import StoreClosedError
+from turnbuckle.errors import StoreClosedError, StoreInternalError, TurnbuckleError
 from turnbuckle.sansio.task import TaskRow, TaskStatus
 
 __all__ = ["MemoryTaskTable", "MemoryRunner"]
@@ -149,6 +149,12 @@ class MemoryRunner:
         table.begin()
         try:
             result = fn(table)
+        except TurnbuckleError:
+            table.rollback()
+            raise
+        except Exception as exc:
+            table.rollback()
+            raise StoreInternalError("memory://", f"{type(exc).__name__}: {exc}") from exc
         except BaseException:
             table.rollback()
             raise

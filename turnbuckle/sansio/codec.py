@@ -1,4 +1,4 @@
-"""Canonical JSON for every payload turnbuckle stores, and the one cattrs converter.
+"""Canonical JSON for every payload turnbuckle stores.
 
 Payloads (task params, results, metadata) are plain JSON values. They are checked before they
 reach any store, by the same code for every adapter, so a payload the in-memory store accepts is
@@ -19,8 +19,6 @@ import json
 import math
 from typing import Any, Final, NoReturn, TypeAlias
 
-import cattrs
-
 from turnbuckle.errors import InvalidArgument, PayloadNotSerializable, PayloadTooLarge
 
 __all__ = [
@@ -28,7 +26,6 @@ __all__ = [
     "JSON",
     "check_int64",
     "check_text",
-    "converter",
     "decode_json",
     "encode_json",
 ]
@@ -37,9 +34,6 @@ JSON: TypeAlias = "bool | int | float | str | list[JSON] | dict[str, JSON] | Non
 
 #: Default limit for one encoded payload; stores take ``max_payload_bytes`` to change it.
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
-
-#: The converter every record, command and checkpoint goes through.
-converter = cattrs.Converter()
 
 _INT64_MAX = (1 << 63) - 1
 

@@ -1,5 +1,6 @@
-"""Group commit in the SQLite adapter: concurrent operations share transactions, yet each
-caller gets its own truthful answer, even when the disk fills part-way through a group."""
+"""The SQLite adapter's own behaviour: group commit (concurrent operations share transactions,
+yet each caller gets its own truthful answer, even when the disk fills part-way through a group),
+busy locks, and recovery from a failure in the middle of a transaction."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import apsw
+import pytest
 
 import turnbuckle
-from turnbuckle import StorageFullError, TaskRecord, TaskStatus
+from turnbuckle import (
+    StorageFullError,
+    StoreBusyError,
+    StoreInternalError,
+    TaskRecord,
+    TaskStatus,
+)
 
 
 async def on_connection(store: turnbuckle.Store, sql: str) -> Any:
@@ -87,3 +96,46 @@ async def test_concurrent_callers_each_get_their_own_answer(tmp_path: Path) -> N
         final = await store.tasks.get_task("t")
         assert final is not None and final.status in (TaskStatus.WORKING, TaskStatus.INPUT_REQUIRED)
         assert len(ok) >= 1
+
+
+async def test_a_lock_held_past_the_timeout_is_store_busy_then_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "busy.db"
+    async with turnbuckle.open_store(f"sqlite:///{path}", busy_timeout=0.2) as store:
+        await store.tasks.create_task(TaskRecord(task_id="t", original_method="m"))
+        other = apsw.Connection(str(path))
+        other.execute("BEGIN IMMEDIATE")  # another process's writer holds the lock
+        try:
+            with pytest.raises(StoreBusyError) as caught:
+                await store.tasks.update_task_status("t", TaskStatus.COMPLETED)
+            assert caught.value.retryable and caught.value.timeout_s == 0.2
+            assert (await store.tasks.get_task("t")).status is TaskStatus.WORKING  # type: ignore[union-attr]
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        done = await store.tasks.update_task_status("t", TaskStatus.COMPLETED)
+        assert done.status is TaskStatus.COMPLETED
+
+
+@pytest.mark.parametrize("url", ["memory://", "sqlite"])
+async def test_a_bug_mid_operation_rolls_back_and_the_store_goes_on(
+    tmp_path: Path, url: str
+) -> None:
+    """An unexpected exception half-way through an operation (after it wrote) is reported as
+    StoreInternalError, its writes are undone, and the next operation works: the connection
+    is never left poisoned."""
+    if url == "sqlite":
+        url = f"sqlite:///{tmp_path}/bug.db"
+    async with turnbuckle.open_store(url) as store:
+        await store.tasks.create_task(TaskRecord(task_id="keep", original_method="m"))
+        row = await store.tasks._run(lambda t: t.get("keep"), writes=False)  # type: ignore[attr-defined]
+
+        def half_done(table: Any) -> None:
+            assert table.delete("keep")
+            raise RuntimeError("bug after a write")
+
+        with pytest.raises(StoreInternalError) as caught:
+            await store.tasks._run(half_done, writes=True)  # type: ignore[attr-defined]
+        assert isinstance(caught.value.__cause__, RuntimeError)
+        assert await store.tasks._run(lambda t: t.get("keep"), writes=False) == row  # type: ignore[attr-defined]
+        await store.tasks.update_task_status("keep", TaskStatus.CANCELLED)
+        assert await store.tasks.task_count() == 1
