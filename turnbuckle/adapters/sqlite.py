@@ -317,25 +317,35 @@ def _open_connection(
         raise StoreOpenError(path, "the path is a folder")
     if not os.path.isdir(folder):
         raise StoreOpenError(path, f"the folder {folder!r} does not exist")
+    # Looked at before opening (stat only, never open: that would drop SQLite's locks).
+    wal_was_there = os.path.exists(path + "-wal")
     conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
     try:
         conn.setbusytimeout(int(busy_timeout_s * 1000))
         conn.execute("BEGIN IMMEDIATE")
         try:
             _check_or_create_schema(conn, path)
+            if verify:
+                # Before the first write: a file refused as corrupt is left exactly as found.
+                problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check")]
+                if problems != ["ok"]:
+                    raise StoreCorruptError(path, "; ".join(problems[:5]))
             # The write probe: a read-only file fails here, at open, not at the first write.
             conn.execute("UPDATE tb_meta SET value = value + 1 WHERE key = 'open_count'")
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
-        _switch_to_wal(conn)
+        _switch_to_wal(conn, path)
         conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
-        if verify:
-            problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check")]
-            if problems != ["ok"]:
-                raise StoreCorruptError(path, "; ".join(problems[:5]))
     except BaseException:
+        # The last connection to close checkpoints the WAL into the main file and deletes it.
+        # For a refused file with a -wal we found there, that would write to it: with another
+        # database's -wal beside ours, it would turn our file into that database. So close
+        # without checkpointing and leave both as found; a -wal we made ourselves is empty,
+        # and closing normally removes it again.
+        if wal_was_there:
+            conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         conn.close()
         raise
     return conn
@@ -375,7 +385,7 @@ def _rollback(conn: apsw.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-def _switch_to_wal(conn: apsw.Connection) -> None:
+def _switch_to_wal(conn: apsw.Connection, path: str) -> None:
     # Another opener can hold a lock for an instant; journal_mode then fails at once with
     # BUSY (the busy handler is not used), and one retry has always been enough.
     for attempt in range(_WAL_RETRIES):
@@ -387,7 +397,7 @@ def _switch_to_wal(conn: apsw.Connection) -> None:
             time.sleep(0.005 * (attempt + 1))
             continue
         if str(mode).lower() != "wal":
-            raise StoreInternalError("", f"journal_mode stayed {mode!r}")
+            raise StoreInternalError(path, f"journal_mode stayed {mode!r}")
         return
 
 
