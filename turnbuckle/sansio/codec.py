@@ -38,37 +38,29 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
 _INT64_MAX = (1 << 63) - 1
 
 
-def _is_plain(value: object) -> bool:
-    """True if ``value`` is plain JSON by type and depth (the fast check; strings are checked
-    when the encoded text is)."""
+def _is_plain(item: Any, depth: int = 0) -> bool:
+    """True if ``item`` is plain JSON by type and depth (the fast check: no paths, and strings
+    are checked once, in the encoded text)."""
     # Exact type checks on purpose: a bool is fine, but an IntEnum or a str subclass would be
-    # stored as its base value and come back as something else. Containers seen before are
-    # skipped, so a cycle ends the walk (the encoder then reports it).
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    seen: set[int] = set()
-    while stack:
-        item, depth = stack.pop()
-        kind = type(item)
-        if kind in _SCALARS:
-            continue
-        if kind is float:
-            if not math.isfinite(item):
+    # stored as its base value and come back as something else. A cycle runs into the depth
+    # limit, and the slow walk then names it.
+    kind = type(item)
+    if kind in _SCALARS:
+        return True
+    if kind is float:
+        return math.isfinite(item)
+    if depth >= MAX_DEPTH:
+        return False
+    if kind is dict:
+        for key, value in item.items():
+            if type(key) is not str or (
+                type(value) not in _SCALARS and not _is_plain(value, depth + 1)
+            ):
                 return False
-        elif kind is list or kind is dict:
-            if id(item) in seen:
-                continue
-            if depth >= MAX_DEPTH:
-                return False
-            seen.add(id(item))
-            if kind is dict:
-                if any(type(key) is not str for key in item):
-                    return False
-                item = item.values()
-            depth += 1
-            stack.extend((v, depth) for v in item)
-        else:
-            return False
-    return True
+        return True
+    if kind is list:
+        return all(type(value) in _SCALARS or _is_plain(value, depth + 1) for value in item)
+    return False
 
 
 _SCALARS: Final = frozenset({type(None), bool, int, str})

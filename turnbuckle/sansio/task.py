@@ -37,7 +37,7 @@ import base64
 import binascii
 import enum
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Protocol, TypeAlias
 
 import attrs
@@ -238,8 +238,11 @@ def parse_timestamp(name: str, text: str) -> int:
 
 def format_timestamp(ms: int) -> str:
     """ISO-8601 UTC with milliseconds: ``2025-06-01T00:00:00.000Z``."""
-    moment = datetime.fromtimestamp(ms / 1000, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    t = _EPOCH + timedelta(milliseconds=ms)
+    return (
+        f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
+        f".{t.microsecond // 1000:03d}Z"
+    )
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
