@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import Any, Final, Literal, TypeVar
 
 import apsw
+import attrs
 
 from turnbuckle.actors.oneshot import ThreadReply
 from turnbuckle.adapters.tasks import TaskTable
@@ -131,58 +132,26 @@ def wal_reset_bug_fixed(version: str) -> bool:
 
 # --- rows ------------------------------------------------------------------------------------
 
-_COLUMNS: Final = (
-    "task_id, session_id, status, status_message, created_at, created_ms, last_updated_at,"
-    " updated_ms, ttl, poll_interval, original_method, original_params, result, meta, version"
-)
-_SELECT: Final = f"SELECT {_COLUMNS} FROM tasks"
+# The columns are TaskRow's fields, in its order; expires_ms is derived, stored for its index.
+_FIELDS: Final = tuple(field.name for field in attrs.fields(TaskRow))
+_SET: Final = (*_FIELDS[1:], "expires_ms")  # what a write sets: all but the key
+_SELECT: Final = f"SELECT {', '.join(_FIELDS)} FROM tasks"
 _INSERT: Final = (
-    f"INSERT INTO tasks ({_COLUMNS}, expires_ms) VALUES"
-    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING"
+    f"INSERT INTO tasks (task_id, {', '.join(_SET)}) VALUES (?{', ?' * len(_SET)})"
+    " ON CONFLICT (task_id) DO NOTHING"
 )
 _UPDATE: Final = (
-    "UPDATE tasks SET session_id = ?, status = ?, status_message = ?, created_at = ?,"
-    " created_ms = ?, last_updated_at = ?, updated_ms = ?, ttl = ?, poll_interval = ?,"
-    " original_method = ?, original_params = ?, result = ?, meta = ?, version = ?,"
-    " expires_ms = ? WHERE task_id = ? AND version = ?"
+    f"UPDATE tasks SET {', '.join(f'{name} = ?' for name in _SET)}"
+    " WHERE task_id = ? AND version = ?"
 )
 
 
 def _row(values: tuple[Any, ...]) -> TaskRow:
-    (
-        task_id,
-        session_id,
-        status,
-        status_message,
-        created_at,
-        created_ms,
-        last_updated_at,
-        updated_ms,
-        ttl,
-        poll_interval,
-        original_method,
-        original_params,
-        result,
-        meta,
-        version,
-    ) = values
-    return TaskRow(
-        task_id=task_id,
-        session_id=session_id,
-        status=status,
-        status_message=status_message,
-        created_at=created_at,
-        created_ms=created_ms,
-        last_updated_at=last_updated_at,
-        updated_ms=updated_ms,
-        ttl=ttl,
-        poll_interval=poll_interval,
-        original_method=original_method,
-        original_params=original_params,
-        result=result,
-        meta=meta,
-        version=version,
-    )
+    return TaskRow(**dict(zip(_FIELDS, values, strict=True)))
+
+
+def _set_values(row: TaskRow) -> tuple[Any, ...]:
+    return tuple(getattr(row, name) for name in _SET)
 
 
 class SqliteTaskTable:
@@ -196,52 +165,11 @@ class SqliteTaskTable:
         return None if found is None else _row(found)
 
     def insert(self, row: TaskRow) -> bool:
-        self._conn.execute(
-            _INSERT,
-            (
-                row.task_id,
-                row.session_id,
-                row.status,
-                row.status_message,
-                row.created_at,
-                row.created_ms,
-                row.last_updated_at,
-                row.updated_ms,
-                row.ttl,
-                row.poll_interval,
-                row.original_method,
-                row.original_params,
-                row.result,
-                row.meta,
-                row.version,
-                row.expires_ms,
-            ),
-        )
+        self._conn.execute(_INSERT, (row.task_id, *_set_values(row)))
         return bool(self._conn.changes() == 1)
 
     def replace(self, row: TaskRow, expected_version: int) -> bool:
-        self._conn.execute(
-            _UPDATE,
-            (
-                row.session_id,
-                row.status,
-                row.status_message,
-                row.created_at,
-                row.created_ms,
-                row.last_updated_at,
-                row.updated_ms,
-                row.ttl,
-                row.poll_interval,
-                row.original_method,
-                row.original_params,
-                row.result,
-                row.meta,
-                row.version,
-                row.expires_ms,
-                row.task_id,
-                expected_version,
-            ),
-        )
+        self._conn.execute(_UPDATE, (*_set_values(row), row.task_id, expected_version))
         return bool(self._conn.changes() == 1)
 
     def delete(self, task_id: str) -> bool:
