@@ -368,7 +368,6 @@ class SqliteRunner:
         self._lock = threading.Lock()
         self._closed = True
         self._stopped: _Request | None = None
-        self._conn: apsw.Connection | None = None
 
     async def start(self) -> None:
         """Open the file on a new owner thread.
@@ -433,7 +432,6 @@ class SqliteRunner:
             opened.reply.fail(map_error(exc, self.path, self._busy_s))
             self._shut(None)
             return
-        self._conn = conn
         table = SqliteTaskTable(conn)
         opened.reply.send(None)
         try:
