@@ -199,14 +199,14 @@ class StoreOpenError(StoreError):
 class UnsupportedSchemaVersion(StoreOpenError):
     """The file's schema version is not one this turnbuckle can use."""
 
-    _fields = ("path", "expected", "found")
+    _fields = ("expected", "found", "path")
     _template = (
         "store {path!r} has schema version {found}, this turnbuckle needs {expected}"
         " (a newer turnbuckle made it, or it must be migrated)"
     )
-    path: str
     expected: int
     found: int
+    path: str
 
 
 class ForeignDatabaseError(StoreOpenError):

@@ -139,3 +139,31 @@ async def test_a_bug_mid_operation_rolls_back_and_the_store_goes_on(
         assert await store.tasks._run(lambda t: t.get("keep"), writes=False) == row  # type: ignore[attr-defined]
         await store.tasks.update_task_status("keep", TaskStatus.CANCELLED)
         assert await store.tasks.task_count() == 1
+
+
+@pytest.mark.parametrize(("durability", "synchronous"), [("full", 2), ("process", 1)])
+async def test_durability_sets_synchronous_in_wal(
+    tmp_path: Path, durability: str, synchronous: int
+) -> None:
+    url = f"sqlite:///{tmp_path}/d.db"
+    async with turnbuckle.open_store(url, durability=durability) as store:  # type: ignore[arg-type]
+        assert await on_connection(store, "PRAGMA synchronous") == [(synchronous,)]
+        assert await on_connection(store, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_bad_options_are_refused_before_opening(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/never.db"
+    for options in [
+        {"durability": "off"},
+        {"busy_timeout": -1},
+        {"max_tasks": -1},
+        {"max_payload_bytes": 0},
+    ]:
+        with pytest.raises(turnbuckle.InvalidArgument):
+            async with turnbuckle.open_store(url, **options):  # type: ignore[arg-type]
+                pass
+    for url in ["sqlite://", "sqlite:///", "postgres://x", "memory://name", ""]:
+        with pytest.raises(turnbuckle.InvalidArgument):
+            async with turnbuckle.open_store(url):
+                pass
+    assert not (tmp_path / "never.db").exists()

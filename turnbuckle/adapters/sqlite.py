@@ -299,7 +299,7 @@ def _check_or_create_schema(conn: apsw.Connection, path: str) -> None:
     elif app_id != APPLICATION_ID:
         raise ForeignDatabaseError(path, app_id, version)
     elif version != SCHEMA_VERSION:
-        raise UnsupportedSchemaVersion(path, SCHEMA_VERSION, version)
+        raise UnsupportedSchemaVersion(expected=SCHEMA_VERSION, found=version, path=path)
 
 
 def _rollback(conn: apsw.Connection) -> None:

@@ -151,7 +151,7 @@ class TaskSuccess:
     value: JSON
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen
 class TaskRpcError:
     """The underlying request failed with this JSON-RPC error."""
 
