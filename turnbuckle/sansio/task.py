@@ -439,6 +439,8 @@ def new_row(
     task_id = record.task_id or make_task_id(now_ms, ids, previous_id)
     created_at = record.created_at or format_timestamp(now_ms)
     created_ms = parse_timestamp("created_at", created_at)
+    if record.ttl is not None:  # the expiry instant must fit the stores' 64-bit integers
+        check_int64("created_at + ttl in ms", created_ms + record.ttl, minimum=-(1 << 63))
     last_updated_at = record.last_updated_at or created_at
     params, result, meta = _payloads(record, max_payload_bytes)
     return TaskRow(
