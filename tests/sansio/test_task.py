@@ -236,6 +236,12 @@ def test_cursors_round_trip_within_their_listing(scope: str | None, ms: int, tas
         decode_cursor(cursor, "other" if scope is None else None)
 
 
+def test_forged_cursor_positions_are_refused() -> None:
+    for forged in (2**63, -(2**63) - 1, 10**30):
+        with pytest.raises(InvalidCursor):
+            decode_cursor(encode_cursor(None, forged, "t"), None)
+
+
 @given(st.text())
 def test_garbage_cursors_are_invalid_cursor(garbage: str) -> None:
     with contextlib.suppress(InvalidCursor):

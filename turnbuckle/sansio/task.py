@@ -298,6 +298,8 @@ def decode_cursor(cursor: str, session_id: str | None) -> tuple[int, str]:
         raise InvalidCursor(cursor) from None
     if version != 1 or scope != session_id or type(created_ms) is not int:
         raise InvalidCursor(cursor)
+    if not -(1 << 63) <= created_ms < 1 << 63:  # forged: no stored time is out of this range
+        raise InvalidCursor(cursor)
     if type(task_id) is not str:
         raise InvalidCursor(cursor)
     return created_ms, task_id
