@@ -32,6 +32,7 @@ from turnbuckle.sansio.task import (
     check_transition,
     decode_cursor,
     encode_cursor,
+    encode_outcome,
     format_timestamp,
     make_task_id,
     new_row,
@@ -93,9 +94,9 @@ def test_outcomes_obey_the_lifecycle(current: TaskStatus, ending: TaskStatus | N
     outcome = TaskRpcError(code=-1, message="x")
     if current.is_terminal:
         with pytest.raises(TerminalState):
-            apply_outcome(row, outcome, status=ending, now_ms=NOW)
+            apply_outcome(row, encode_outcome(outcome), status=ending, now_ms=NOW)
         return
-    done = apply_outcome(row, outcome, status=ending, now_ms=NOW)
+    done = apply_outcome(row, encode_outcome(outcome), status=ending, now_ms=NOW)
     assert row_to_record(done).result == outcome
     assert done.status == (current if ending is None else ending).value
 
@@ -268,7 +269,7 @@ def test_outcomes_round_trip() -> None:
         TaskSuccess({"a": [1.5]}),
         TaskRpcError(code=-32602, message="bad", data={"x": 1}),
     ]:
-        row = apply_outcome(row_in(W), outcome, status=None, now_ms=NOW)
+        row = apply_outcome(row_in(W), encode_outcome(outcome), status=None, now_ms=NOW)
         assert row_to_record(row).result == outcome
 
 

@@ -35,11 +35,14 @@ from turnbuckle.sansio.task import (
     apply_replace,
     apply_status,
     check_page_size,
+    check_status_request,
     decode_cursor,
     encode_cursor,
+    encode_outcome,
     is_expired,
     is_stuck,
     new_row,
+    prepare_replace,
     row_to_record,
 )
 
@@ -181,10 +184,10 @@ class TaskFacet:
         """
         if not isinstance(record, TaskRecord):
             raise InvalidArgument(f"update_task takes a TaskRecord, got {record!r}")
-        now_ms, limit = self._clock.now_ms(), self._limit
+        now_ms = self._clock.now_ms()
+        replacement = prepare_replace(record, now_ms=now_ms, max_payload_bytes=self._limit)
         return await self._change(
-            record.task_id,
-            lambda row: apply_replace(row, record, now_ms=now_ms, max_payload_bytes=limit),
+            record.task_id, lambda row: apply_replace(row, replacement, now_ms=now_ms)
         )
 
     async def delete_task(self, task_id: str) -> bool:
@@ -222,7 +225,9 @@ class TaskFacet:
             TaskNotFound: no such task.
             TerminalState: the task already ended (checked first).
             InvalidTransition: ``status`` is not reachable (e.g. working -> working).
+            InvalidArgument, PayloadTooLarge: a bad status or message.
         """
+        status = check_status_request(status, message, self._limit)
         now_ms = self._clock.now_ms()
         return await self._change(
             task_id, lambda row: apply_status(row, status, message, now_ms=now_ms)
@@ -234,8 +239,9 @@ class TaskFacet:
         Raises:
             TaskNotFound: no such task.
             TerminalState: the task already ended.
-            InvalidArgument: ``message`` is not a str or None.
+            InvalidArgument, PayloadTooLarge: ``message`` is not a str or None, or too long.
         """
+        check_text("status_message", message, optional=True, limit=self._limit)
         now_ms = self._clock.now_ms()
         return await self._change(task_id, lambda row: apply_message(row, message, now_ms=now_ms))
 
@@ -373,12 +379,14 @@ class TaskFacet:
     async def _finish(
         self, task_id: str, outcome: TaskOutcome, status: TaskStatus | None, message: str | None
     ) -> TaskRecord:
-        now_ms, limit = self._clock.now_ms(), self._limit
+        # Validated and encoded before the transaction: bad input is refused the same way
+        # whatever the task's state, and the store's critical section stays short.
+        encoded = encode_outcome(outcome, self._limit)
+        check_text("status_message", message, optional=True, limit=self._limit)
+        now_ms = self._clock.now_ms()
         return await self._change(
             task_id,
-            lambda row: apply_outcome(
-                row, outcome, status=status, message=message, now_ms=now_ms, max_payload_bytes=limit
-            ),
+            lambda row: apply_outcome(row, encoded, status=status, message=message, now_ms=now_ms),
         )
 
     async def _page(

@@ -152,20 +152,26 @@ def _refuse_constant(name: str) -> float:
 _DECODER: Final = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
-def check_text(name: str, value: object, *, optional: bool = False) -> None:
-    """Check that ``value`` is a str SQLite and JSON can store (None too, if ``optional``).
+def check_text(
+    name: str, value: object, *, optional: bool = False, limit: int | None = None
+) -> None:
+    """Check that ``value`` is a str SQLite and JSON can store (None too, if ``optional``),
+    of at most ``limit`` UTF-8 bytes if a limit is given.
 
     Raises:
         InvalidArgument: not a str, or it holds a lone surrogate.
+        PayloadTooLarge: it is longer than ``limit`` bytes.
     """
     if value is None and optional:
         return
     if type(value) is not str:
         raise InvalidArgument(f"{name} must be a str, got {value!r}")
     try:
-        value.encode("utf-8")
+        encoded = value.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidArgument(f"{name} contains a lone surrogate") from None
+    if limit is not None and len(encoded) > limit:
+        raise PayloadTooLarge(len(encoded), limit)
 
 
 def check_int64(name: str, value: object, *, minimum: int = 0) -> int:

@@ -76,6 +76,10 @@ __all__ = [
     "apply_outcome",
     "apply_replace",
     "apply_status",
+    "check_status_request",
+    "encode_outcome",
+    "prepare_replace",
+    "Replacement",
     "check_transition",
     "decode_cursor",
     "encode_cursor",
@@ -360,14 +364,18 @@ class TaskRow:
         return None if self.ttl is None else self.created_ms + self.ttl
 
 
-def _encode_outcome(outcome: TaskOutcome | None, limit: int) -> str | None:
-    if outcome is None:
-        return None
+def encode_outcome(outcome: TaskOutcome, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
+    """The stored form of an outcome.
+
+    Raises:
+        InvalidArgument: not a TaskSuccess or TaskRpcError, or a bad code or message.
+        PayloadNotSerializable, PayloadTooLarge: its JSON is not plain or too large.
+    """
     if isinstance(outcome, TaskSuccess):
         return encode_json({"type": "success", "value": outcome.value}, limit=limit)
     if isinstance(outcome, TaskRpcError):
         check_int64("TaskRpcError.code", outcome.code, minimum=-(1 << 63))
-        check_text("TaskRpcError.message", outcome.message)
+        check_text("TaskRpcError.message", outcome.message, limit=limit)
         body = {
             "type": "error",
             "code": outcome.code,
@@ -408,7 +416,7 @@ def _payloads(record: TaskRecord, limit: int) -> tuple[str | None, str | None, s
     )
     return (
         params,
-        _encode_outcome(record.result, limit),
+        None if record.result is None else encode_outcome(record.result, limit),
         None if meta is None else encode_json(meta, limit=limit),
     )
 
@@ -430,11 +438,12 @@ def new_row(
     """
     if not isinstance(record, TaskRecord):
         raise InvalidArgument(f"create_task takes a TaskRecord, got {record!r}")
-    check_text("task_id", record.task_id)
-    check_text("session_id", record.session_id, optional=True)
+    limit = max_payload_bytes
+    check_text("task_id", record.task_id, limit=limit)
+    check_text("session_id", record.session_id, optional=True, limit=limit)
     status = _check_status(record.status)
-    check_text("status_message", record.status_message, optional=True)
-    check_text("original_method", record.original_method)
+    check_text("status_message", record.status_message, optional=True, limit=limit)
+    check_text("original_method", record.original_method, limit=limit)
     for name in ("ttl", "poll_interval"):
         if getattr(record, name) is not None:
             check_int64(name, getattr(record, name))
@@ -520,31 +529,42 @@ def _current_status(row: TaskRow) -> TaskStatus:
         raise CorruptRecordError("tasks", row.task_id, f"column status: {exc}") from exc
 
 
+def check_status_request(
+    requested: object, message: object, limit: int = DEFAULT_MAX_PAYLOAD_BYTES
+) -> TaskStatus:
+    """Validate the arguments of a status change (done before any store is touched).
+
+    Raises:
+        InvalidArgument: ``requested`` is not a TaskStatus or ``message`` not a str or None.
+        PayloadTooLarge: ``message`` is longer than ``limit`` bytes.
+    """
+    check_text("status_message", message, optional=True, limit=limit)
+    return _check_status(requested)
+
+
 def apply_status(
     row: TaskRow, requested: TaskStatus, message: str | None, *, now_ms: int
 ) -> TaskRow:
-    """``update_task_status``: move to ``requested`` and set the status message.
+    """``update_task_status``: move to ``requested`` and set the status message (arguments
+    already checked by :func:`check_status_request`).
 
     Raises:
         TerminalState, InvalidTransition: see :func:`check_transition`.
-        InvalidArgument: ``requested`` is not a TaskStatus or ``message`` not a str.
     """
-    _check_status(requested)
-    check_text("status_message", message, optional=True)
     check_transition(_current_status(row), requested)
     return _touch(row, now_ms, status=requested.value, status_message=message)
 
 
 def apply_outcome(
     row: TaskRow,
-    outcome: TaskOutcome,
+    encoded: str,
     *,
     status: TaskStatus | None,
     message: str | None = None,
     now_ms: int,
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> TaskRow:
-    """Store ``outcome``; with ``status``, also end the task there, in the same write.
+    """Store an outcome (made by :func:`encode_outcome`); with ``status``, also end the task
+    there, in the same write.
 
     ``status`` None is ``store_task_result``: the outcome is stored and the status kept, which a
     terminal task refuses (its outcome is final).
@@ -552,17 +572,12 @@ def apply_outcome(
     Raises:
         TerminalState: the task already ended.
         InvalidTransition: ``status`` is not reachable.
-        InvalidArgument, PayloadNotSerializable, PayloadTooLarge: a bad outcome.
     """
     current = _current_status(row)
-    if current.is_terminal:
-        raise TerminalState(current)
-    if outcome is None:
-        raise InvalidArgument("outcome must be TaskSuccess or TaskRpcError, got None")
-    encoded = _encode_outcome(outcome, max_payload_bytes)
     if status is None:
+        if current.is_terminal:
+            raise TerminalState(current)
         return _touch(row, now_ms, result=encoded)
-    check_text("status_message", message, optional=True)
     check_transition(current, status)
     return _touch(row, now_ms, result=encoded, status=status.value, status_message=message)
 
@@ -573,23 +588,38 @@ def apply_message(row: TaskRow, message: str | None, *, now_ms: int) -> TaskRow:
 
     Raises:
         TerminalState: the task already ended.
-        InvalidArgument: ``message`` is not a str or None.
     """
-    check_text("status_message", message, optional=True)
     current = _current_status(row)
     if current.is_terminal:
         raise TerminalState(current)
     return _touch(row, now_ms, status_message=message)
 
 
-def apply_replace(
-    row: TaskRow,
-    record: TaskRecord,
-    *,
-    now_ms: int,
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-) -> TaskRow:
-    """``update_task``: replace the record's fields, keeping the lifecycle rules.
+@attrs.frozen
+class Replacement:
+    """A checked ``update_task`` request, made by :func:`prepare_replace` before any IO."""
+
+    #: The record's fields as a row (id made up from nothing: it is never inserted).
+    fresh: TaskRow
+    #: Compare creation times (the record gave one) and versions (it gave last_updated_at).
+    check_created: bool
+    check_version: bool
+
+
+def prepare_replace(
+    record: TaskRecord, *, now_ms: int, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+) -> Replacement:
+    """Validate and encode an ``update_task`` record.
+
+    Raises:
+        InvalidArgument, PayloadNotSerializable, PayloadTooLarge: as :func:`new_row`.
+    """
+    fresh = new_row(record, now_ms=now_ms, ids=_NoIds(), max_payload_bytes=max_payload_bytes)
+    return Replacement(fresh, bool(record.created_at), bool(record.last_updated_at))
+
+
+def apply_replace(row: TaskRow, replacement: Replacement, *, now_ms: int) -> TaskRow:
+    """``update_task``: replace the stored task's fields, keeping the lifecycle rules.
 
     The id, session and creation time are the task's identity and cannot change (empty
     ``created_at`` means "keep"); a status change must be a legal move; a terminal task refuses
@@ -598,20 +628,20 @@ def apply_replace(
     The new ``last_updated_at`` is stamped by the store.
 
     Raises:
-        ConcurrentModification: the task changed since ``record.last_updated_at``.
-        TerminalState, InvalidTransition: the status rules.
-        InvalidArgument: an identity field differs, or a field has the wrong type.
-        PayloadNotSerializable, PayloadTooLarge: a bad payload.
+        TerminalState: the task already ended (checked first).
+        ConcurrentModification: the task changed since the record's ``last_updated_at``.
+        InvalidArgument: the session or the creation time differs.
+        InvalidTransition: the new status is not reachable.
     """
     current = _current_status(row)
     if current.is_terminal:
         raise TerminalState(current)
-    fresh = new_row(record, now_ms=now_ms, ids=_NoIds(), max_payload_bytes=max_payload_bytes)
-    if record.last_updated_at and fresh.updated_ms != row.updated_ms:
+    fresh = replacement.fresh
+    if replacement.check_version and fresh.updated_ms != row.updated_ms:
         raise ConcurrentModification(row.task_id)
-    if record.created_at and fresh.created_ms != row.created_ms:
+    if replacement.check_created and fresh.created_ms != row.created_ms:
         raise InvalidArgument("update_task cannot change created_at")
-    if record.session_id != row.session_id:
+    if fresh.session_id != row.session_id:
         raise InvalidArgument("update_task cannot move a task to another session")
     requested = TaskStatus(fresh.status)
     if requested is not current:
@@ -635,12 +665,15 @@ def apply_recovery(row: TaskRow, *, now_ms: int) -> TaskRow:
     its outcome unless it already has one."""
     result = row.result
     if result is None:
-        result = _encode_outcome(
-            TaskRpcError(code=RECOVERED_ERROR_CODE, message=RECOVERED_MESSAGE), 1 << 30
-        )
+        result = _RECOVERED_OUTCOME
     return _touch(
         row, now_ms, status=TaskStatus.FAILED.value, status_message=RECOVERED_MESSAGE, result=result
     )
+
+
+_RECOVERED_OUTCOME: Final = encode_outcome(
+    TaskRpcError(code=RECOVERED_ERROR_CODE, message=RECOVERED_MESSAGE)
+)
 
 
 class _NoIds:

@@ -393,6 +393,11 @@ async def finishing_is_atomic(make: StoreFactory) -> None:
         assert (cancelled.status, cancelled.result) == (X, None)
         assert cancelled.status_message == "Cancelled by client"
         await _raises(TerminalState(X), store.tasks.complete_task("cancelled", ok))
+        # Arguments are checked before the task's state: the same bad call, the same error.
+        await _raises_type(
+            PayloadNotSerializable,
+            store.tasks.complete_task("cancelled", TaskSuccess({1})),  # type: ignore[arg-type]
+        )
         await _raises(TerminalState(X), store.tasks.store_task_result("cancelled", ok))
         await _raises(TerminalState(C), store.tasks.cancel_task("done"))
         await _raises(TerminalState(C), store.tasks.fail_task("done", error))
@@ -517,6 +522,16 @@ async def bad_payloads_change_nothing(make: StoreFactory) -> None:
         )
         assert err.limit == 1000 and err.size > 1000  # type: ignore[attr-defined]
         await _raises_type(PayloadTooLarge, store.tasks.store_task_result("ok", TaskSuccess(big)))
+        # Every text field is bounded too, not only the JSON payloads.
+        long_text = "m" * 1001
+        for call in (
+            store.tasks.update_task_status("ok", IR, long_text),
+            store.tasks.set_status_message("ok", long_text),
+            store.tasks.complete_task("ok", TaskRpcError(-1, long_text)),
+            store.tasks.create_task(make_task(long_text)),
+            store.tasks.create_task(attrs.evolve(make_task("bad"), original_method=long_text)),
+        ):
+            await _raises_type(PayloadTooLarge, call)
         bad_fields: list[dict[str, Any]] = [
             {"ttl": -1},
             {"ttl": True},
