@@ -23,11 +23,11 @@ import apsw
 import pytest
 import trio
 
-import turnbuckle
 from turnbuckle import TaskRecord, TaskStatus
 
 from . import _children
-from ._children import crash_outcome, store_url
+from ._children import crash_outcome
+from ._shared import read_all
 
 SOAK = os.environ.get("TURNBUCKLE_SOAK") == "1"
 CYCLES = 200 if SOAK else 10
@@ -79,20 +79,6 @@ def run_writer_and_kill(
         kind, task_id = line.decode().split(" ")
         (created if kind == "C" else completed).append(task_id)
     return created, completed, delay
-
-
-async def read_all(path: Path) -> dict[str, TaskRecord]:
-    found: dict[str, TaskRecord] = {}
-    # A fresh open also runs quick_check, and recovers the WAL the killed writer left.
-    async with turnbuckle.open_store(store_url(path)) as store:
-        cursor = None
-        while True:
-            page = await store.tasks.list_tasks(cursor, limit=1000)
-            assert page.corrupt_ids == (), f"corrupt records: {page.corrupt_ids}"
-            found.update((task.task_id, task) for task in page.tasks)
-            cursor = page.next_cursor
-            if cursor is None:
-                return found
 
 
 def integrity(path: Path) -> list[tuple[object, ...]]:

@@ -21,6 +21,7 @@ import turnbuckle
 from turnbuckle.adapters.sqlite import APPLICATION_ID, SCHEMA_VERSION
 
 from ._children import WAIT_S, first_open_once, first_open_process, store_url
+from ._shared import reap
 
 OPENERS = 16
 SOAK = os.environ.get("TURNBUCKLE_SOAK") == "1"
@@ -106,13 +107,7 @@ def test_16_processes_first_open(tmp_path: Path) -> None:
                 raise AssertionError(f"no report from an opener; exit codes {dead}") from None
             outcomes[round_no][opener] = (status, value)
     finally:
-        for proc in procs:
-            proc.join(WAIT_S)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        results.close()
-        results.join_thread()
+        reap(procs, results)
     assert [proc.exitcode for proc in procs] == [0] * OPENERS
     for round_no, path in enumerate(paths):
         check_round(Path(path), outcomes[round_no], round_no)

@@ -21,6 +21,7 @@ import turnbuckle
 from turnbuckle import TaskRecord, TaskStatus
 
 from ._children import WAIT_S, Round, race_outcome, race_worker, store_url
+from ._shared import read_all, reap
 
 SOAK = os.environ.get("TURNBUCKLE_SOAK") == "1"
 ROUNDS_PER_KIND = 500 if SOAK else 20
@@ -35,19 +36,6 @@ async def create_tasks(path: Path, rounds: list[Round]) -> None:
     async with turnbuckle.open_store(store_url(path)) as store:
         for _, task_id in rounds:
             await store.tasks.create_task(TaskRecord(task_id=task_id, original_method="race"))
-
-
-async def read_tasks(path: Path) -> dict[str, TaskRecord]:
-    found: dict[str, TaskRecord] = {}
-    async with turnbuckle.open_store(store_url(path)) as store:
-        cursor = None
-        while True:
-            page = await store.tasks.list_tasks(cursor, limit=1000)
-            found.update((task.task_id, task) for task in page.tasks)
-            assert page.corrupt_ids == ()
-            cursor = page.next_cursor
-            if cursor is None:
-                return found
 
 
 def expected_winner_record(kind: str, worker: int, round_no: int, record: TaskRecord) -> None:
@@ -70,7 +58,7 @@ def check_races(path: Path, rounds: list[Round], reports: list[tuple[Any, ...]])
     for report in reports:
         by_round.setdefault(report[1], []).append(report)
     assert sorted(by_round) == list(range(len(rounds)))
-    final = trio.run(read_tasks, path)
+    final = trio.run(read_all, path)
     wins = {0: 0, 1: 0}
     for round_no, (kind, task_id) in enumerate(rounds):
         pair = sorted(by_round[round_no], key=lambda report: report[2])
@@ -121,13 +109,7 @@ def test_two_processes_race_on_one_task(tmp_path: Path) -> None:
             if reports[-1][0] == "crash":
                 break
     finally:
-        for proc in procs:
-            proc.join(WAIT_S)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        results.close()
-        results.join_thread()
+        reap(procs, results)
     check_races(path, rounds, reports)
     assert [proc.exitcode for proc in procs] == [0, 0]
 
