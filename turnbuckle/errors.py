@@ -24,6 +24,10 @@ __all__ = [
     "NotADatabaseError",
     "PayloadNotSerializable",
     "PayloadTooLarge",
+    "QueuedWorkClaimExpired",
+    "QueuedWorkSourceKeyConflict",
+    "SessionError",
+    "SessionExecutionLeaseExpired",
     "StorageFullError",
     "StoreBusyError",
     "StoreClosedError",
@@ -178,6 +182,42 @@ class ConcurrentModification(TaskError):
     _template = "{key!r} was modified concurrently"
     key: str
     retryable = True
+
+
+# --- sessions: leases and queued work -------------------------------------------------------
+
+
+class SessionError(TurnbuckleError):
+    """Base of the errors about a session's execution lease and queued work."""
+
+
+class SessionExecutionLeaseExpired(SessionError):
+    """The lease fence presented is not the session's live lease (expired, released,
+    reclaimed by another owner, forged, or from another session). Nothing was written."""
+
+    _fields = ("session_id",)
+    _template = "session {session_id!r}: the execution lease presented is not live"
+    session_id: str
+
+
+class QueuedWorkClaimExpired(SessionError):
+    """The queued-work claim presented no longer owns every one of its batches."""
+
+    _fields = ("session_id", "claim_id")
+    _template = "session {session_id!r}: queued-work claim {claim_id!r} no longer owns its work"
+    session_id: str
+    claim_id: str
+
+
+class QueuedWorkSourceKeyConflict(SessionError):
+    """A batch with this source key was already enqueued with different content."""
+
+    _fields = ("session_id", "source_key")
+    _template = (
+        "session {session_id!r}: source key {source_key!r} was already used for different work"
+    )
+    session_id: str
+    source_key: str
 
 
 # --- the store -------------------------------------------------------------------------------

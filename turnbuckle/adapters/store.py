@@ -12,7 +12,7 @@ from turnbuckle.adapters.sqlite import Durability, SqliteRunner
 from turnbuckle.adapters.tasks import Clock, TaskFacet
 from turnbuckle.errors import InvalidArgument
 from turnbuckle.sansio.codec import DEFAULT_MAX_PAYLOAD_BYTES, check_int64
-from turnbuckle.sansio.task import IdSource
+from turnbuckle.sansio.ids import IdSource
 
 __all__ = ["Store", "SystemClock", "SystemIds", "open_store"]
 

@@ -38,7 +38,7 @@ import binascii
 import enum
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Protocol, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import attrs
 
@@ -58,6 +58,7 @@ from turnbuckle.sansio.codec import (
     decode_json,
     encode_json,
 )
+from turnbuckle.sansio.ids import IdSource
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -250,14 +251,6 @@ def format_timestamp(ms: int) -> str:
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-class IdSource(Protocol):
-    """Where randomness comes from: the system's CSPRNG in production, a seed in simulation."""
-
-    def random_bits(self, k: int) -> int:
-        """Return a uniformly random int of ``k`` bits."""
-        ...
 
 
 def make_task_id(now_ms: int, ids: IdSource, after: str | None = None) -> str:

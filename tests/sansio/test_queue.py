@@ -1,0 +1,276 @@
+"""Queued work: claim selection, fencing, completion and idempotency, as pure decisions.
+
+These are the reference conformance rules (lash runtime_persistence scenarios 8-15) checked
+against the decisions alone; the store suites check them again through every adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from turnbuckle.errors import (
+    InvalidArgument,
+    PayloadNotSerializable,
+    QueuedWorkClaimExpired,
+    QueuedWorkSourceKeyConflict,
+)
+from turnbuckle.sansio.queue import (
+    ClaimBoundary,
+    DeliveryPolicy,
+    MergeKey,
+    QueuedBatchRow,
+    QueuedWorkDraft,
+    SlotPolicy,
+    abandon_rows,
+    check_completion,
+    claim_rows,
+    is_claimed,
+    new_batch_row,
+    renew_rows,
+    same_work,
+    select_by_batch_ids,
+    select_claim_prefix,
+)
+from turnbuckle.testing import SeededIds
+
+ESB, ACTC = DeliveryPolicy.EARLIEST_SAFE_BOUNDARY, DeliveryPolicy.AFTER_CURRENT_TURN_COMMIT
+JOIN, EXCL = SlotPolicy.JOIN, SlotPolicy.EXCLUSIVE
+IDLE, CHECKPOINT = ClaimBoundary.IDLE, ClaimBoundary.ACTIVE_TURN_CHECKPOINT
+NOW = 10_000
+_ids = SeededIds(5)
+
+
+def batch(
+    seq: int,
+    delivery: DeliveryPolicy = ESB,
+    slot: SlotPolicy = JOIN,
+    merge: MergeKey = MergeKey.PAYLOAD_DEFAULT,
+    available_at_ms: int = 0,
+    text: str = "hi",
+    session: str = "root",
+    source_key: str | None = None,
+) -> QueuedBatchRow:
+    draft = QueuedWorkDraft(
+        session_id=session,
+        delivery=delivery,
+        slot=slot,
+        payloads=[{"text": text}],
+        merge_key=merge,
+        available_at_ms=available_at_ms,
+        source_key=source_key,
+    )
+    return new_batch_row(draft, enqueue_seq=seq, now_ms=NOW, ids=_ids, limit=1 << 20)
+
+
+def seqs(rows: Sequence[QueuedBatchRow]) -> list[int]:
+    return [r.enqueue_seq for r in rows]
+
+
+def claim(
+    rows: Sequence[QueuedBatchRow],
+    boundary: ClaimBoundary = IDLE,
+    max_batches: int = 10,
+    now: int = NOW,
+    ttl: int = 60_000,
+):  # type: ignore[no-untyped-def]
+    selected = select_claim_prefix(rows, boundary, max_batches, now_ms=now)
+    if not selected:
+        return None
+    return claim_rows(selected, "owner", ttl, now_ms=now, ids=_ids)
+
+
+def apply(rows: list[QueuedBatchRow], changed: Sequence[QueuedBatchRow]) -> list[QueuedBatchRow]:
+    by_id = {r.batch_id: r for r in changed}
+    return [by_id.get(r.batch_id, r) for r in rows]
+
+
+def test_checkpoint_claims_wait_behind_after_commit_work() -> None:
+    rows = [batch(1, ACTC, EXCL), batch(2, ESB, EXCL)]
+    assert select_claim_prefix(rows, CHECKPOINT, 10, now_ms=NOW) == ()
+    claimed, idle_claim = claim(rows)
+    assert seqs(claimed) == [1]
+    rows = apply(rows, claimed)
+    # With the head claimed, the earliest-safe-boundary batch is next, even at a checkpoint.
+    assert seqs(select_claim_prefix(rows, CHECKPOINT, 10, now_ms=NOW)) == [2]
+    rows = apply(rows, abandon_rows(claimed, idle_claim))
+    claimed2, reclaimed = claim(rows)
+    assert seqs(claimed2) == [1] and reclaimed.fencing_token > idle_claim.fencing_token
+    renewed_rows, renewed = renew_rows(claimed2, reclaimed, 120_000, now_ms=NOW + 5)
+    assert (renewed.claim_id, renewed.lease_token) == (reclaimed.claim_id, reclaimed.lease_token)
+    assert renewed.expires_at_ms == NOW + 5 + 120_000
+    assert all(r.claim_expires_at_ms == renewed.expires_at_ms for r in renewed_rows)
+
+
+def test_join_groups_only_adjacent_batches_with_the_same_policy_and_key() -> None:
+    a = MergeKey.group("a")
+    rows = [
+        batch(1, merge=a),
+        batch(2, merge=a),
+        batch(3, merge=MergeKey.group("b")),
+        batch(4, ACTC, merge=a),
+        batch(5, merge=a),
+    ]
+    assert seqs(select_claim_prefix(rows, IDLE, 10, now_ms=NOW)) == [1, 2]
+    assert seqs(select_claim_prefix(rows[2:], IDLE, 10, now_ms=NOW)) == [3]
+    assert seqs(select_claim_prefix(rows[3:], IDLE, 10, now_ms=NOW)) == [4]
+    assert seqs(select_claim_prefix(rows, IDLE, 1, now_ms=NOW)) == [1], "max_batches caps it"
+
+
+def test_never_joins_nothing_and_exclusive_goes_alone() -> None:
+    never = [batch(1, merge=MergeKey.NEVER), batch(2, merge=MergeKey.NEVER)]
+    assert seqs(select_claim_prefix(never, IDLE, 10, now_ms=NOW)) == [1]
+    rows = [batch(1, slot=EXCL), batch(2), batch(3)]
+    assert seqs(select_claim_prefix(rows, IDLE, 10, now_ms=NOW)) == [1]
+    rows = [batch(1), batch(2, slot=EXCL), batch(3)]
+    assert seqs(select_claim_prefix(rows, IDLE, 10, now_ms=NOW)) == [1]
+
+
+def test_availability_is_respected_without_blocking_later_work() -> None:
+    rows = [batch(1, available_at_ms=NOW + 1), batch(2, slot=EXCL)]
+    assert seqs(select_claim_prefix(rows, IDLE, 10, now_ms=NOW)) == [2]
+    assert seqs(select_claim_prefix(rows, IDLE, 10, now_ms=NOW + 1)) == [1]
+    assert select_claim_prefix(rows, IDLE, 0, now_ms=NOW) == ()
+    assert select_claim_prefix([], IDLE, 10, now_ms=NOW) == ()
+
+
+def test_an_expired_claim_can_be_reclaimed_with_a_higher_token() -> None:
+    rows = [batch(1, slot=EXCL)]
+    claimed, first = claim(rows, ttl=0)
+    rows = apply(rows, claimed)
+    assert not is_claimed(rows[0], NOW)
+    claimed, second = claim(rows)
+    assert second.fencing_token > first.fencing_token
+    with pytest.raises(QueuedWorkClaimExpired):
+        check_completion(claimed, first.completion())
+    check_completion(claimed, second.completion())
+
+
+def test_exact_claims_never_skip_earlier_work() -> None:
+    rows = [batch(1, ACTC, EXCL), batch(2, ACTC, EXCL)]
+    assert select_by_batch_ids(rows, IDLE, [rows[1].batch_id], now_ms=NOW) == ()
+    assert seqs(select_by_batch_ids(rows, IDLE, [rows[0].batch_id], now_ms=NOW)) == [1]
+    joined = [batch(1), batch(2), batch(3)]
+    ids = [r.batch_id for r in joined[:2]]
+    assert seqs(select_by_batch_ids(joined, IDLE, ids, now_ms=NOW)) == [1, 2]
+    assert select_by_batch_ids(joined, IDLE, ids[::-1], now_ms=NOW) == ()
+    for bad in ([], [1], "qwb:x"):
+        with pytest.raises(InvalidArgument):
+            select_by_batch_ids(joined, IDLE, bad, now_ms=NOW)  # type: ignore[arg-type]
+
+
+def test_completion_must_own_every_batch() -> None:
+    rows = [batch(1), batch(2)]
+    claimed, live = claim(rows)
+    check_completion(claimed, live.completion())
+    stale = attrs.evolve(live.completion(), lease_token="0" * 32)
+    with pytest.raises(QueuedWorkClaimExpired) as caught:
+        check_completion(claimed, stale)
+    assert (caught.value.session_id, caught.value.claim_id) == ("root", live.claim_id)
+    with pytest.raises(QueuedWorkClaimExpired):
+        check_completion([claimed[0], None], live.completion())  # one batch is gone
+    with pytest.raises(QueuedWorkClaimExpired):
+        check_completion([claimed[0], rows[1]], live.completion())  # one was abandoned
+
+
+def test_abandon_is_idempotent_and_never_touches_a_newer_claim() -> None:
+    rows = [batch(1, slot=EXCL)]
+    claimed, first = claim(rows, ttl=0)
+    claimed2, second = claim(apply(rows, claimed))
+    assert abandon_rows(claimed2, first) == ()
+    back = abandon_rows(claimed2, second)
+    assert not is_claimed(back[0], NOW) and back[0].claim_fencing_token == second.fencing_token
+    assert abandon_rows(back, second) == ()
+    with pytest.raises(QueuedWorkClaimExpired):
+        renew_rows(back, second, 1000, now_ms=NOW)
+
+
+def test_renewing_an_expired_claim_is_refused() -> None:
+    claimed, live = claim([batch(1)], ttl=10)
+    with pytest.raises(QueuedWorkClaimExpired):
+        renew_rows(claimed, live, 1000, now_ms=NOW + 10)
+
+
+def test_source_keys_return_the_original_or_conflict() -> None:
+    original = batch(1, source_key="msg-1", text="hello")
+    replay = batch(2, source_key="msg-1", text="hello")
+    assert same_work(original, replay) is original
+    with pytest.raises(QueuedWorkSourceKeyConflict) as caught:
+        same_work(original, batch(3, source_key="msg-1", text="different"))
+    assert (caught.value.session_id, caught.value.source_key) == ("root", "msg-1")
+    with pytest.raises(QueuedWorkSourceKeyConflict):
+        same_work(original, batch(3, ACTC, source_key="msg-1", text="hello"))
+
+
+def test_bad_drafts_are_refused() -> None:
+    good = QueuedWorkDraft(session_id="s", delivery=ESB, slot=JOIN, payloads=[1])
+    bad = [
+        attrs.evolve(good, payloads=()),
+        attrs.evolve(good, delivery="earliest_safe_boundary"),
+        attrs.evolve(good, slot=None),
+        attrs.evolve(good, merge_key="never"),
+        attrs.evolve(good, available_at_ms=-1),
+        attrs.evolve(good, session_id=3),
+    ]
+    for draft in bad:
+        with pytest.raises(InvalidArgument):
+            new_batch_row(draft, enqueue_seq=1, now_ms=NOW, ids=_ids, limit=1000)
+    with pytest.raises(PayloadNotSerializable):
+        new_batch_row(
+            attrs.evolve(good, payloads=[{1, 2}]), enqueue_seq=1, now_ms=NOW, ids=_ids, limit=1000
+        )
+    with pytest.raises(InvalidArgument):
+        MergeKey.group("")
+    assert MergeKey.from_wire("group:x") == MergeKey.group("x")
+    with pytest.raises(ValueError):
+        MergeKey.from_wire("group:")
+
+
+def test_rows_decode_to_what_was_enqueued() -> None:
+    row = batch(7, ESB, EXCL, MergeKey.group("g"), available_at_ms=5, text="x", source_key="k")
+    decoded = row.batch()
+    assert (decoded.enqueue_seq, decoded.delivery, decoded.slot, decoded.merge_key) == (
+        7,
+        ESB,
+        EXCL,
+        MergeKey.group("g"),
+    )
+    assert [item.payload for item in decoded.items] == [{"text": "x"}]
+    assert decoded.source_key == "k" and decoded.available_at_ms == 5
+
+
+policies = st.tuples(
+    st.sampled_from([ESB, ACTC]),
+    st.sampled_from([JOIN, EXCL]),
+    st.sampled_from([MergeKey.NEVER, MergeKey.PAYLOAD_DEFAULT, MergeKey.group("a")]),
+    st.integers(0, 3),
+)
+
+
+@given(
+    st.lists(policies, max_size=12),
+    st.sampled_from([IDLE, CHECKPOINT]),
+    st.integers(0, 12),
+    st.integers(0, 3),
+)
+def test_claims_are_an_in_order_prefix_of_deliverable_work(
+    specs: list[tuple[DeliveryPolicy, SlotPolicy, MergeKey, int]],
+    boundary: ClaimBoundary,
+    max_batches: int,
+    now: int,
+) -> None:
+    rows = [batch(i, d, s, m, available_at_ms=a) for i, (d, s, m, a) in enumerate(specs)]
+    taken = select_claim_prefix(rows, boundary, max_batches, now_ms=now)
+    ready = [r for r in rows if r.available_at_ms <= now]
+    assert list(taken) == ready[: len(taken)], "a prefix of the ready work, in order"
+    assert len(taken) <= max_batches
+    if taken:
+        head = taken[0]
+        assert len({(r.delivery, r.merge_key) for r in taken}) == 1 or len(taken) == 1
+        if len(taken) > 1:
+            assert all(r.slot == JOIN.value for r in taken) and head.merge_key != "never"
+        if boundary is CHECKPOINT:
+            assert head.delivery == ESB.value
