@@ -17,6 +17,7 @@ __all__ = [
     "ConcurrentModification",
     "CorruptRecordError",
     "ForeignDatabaseError",
+    "HeadRevisionConflict",
     "InvalidArgument",
     "InvalidCursor",
     "InvalidTransition",
@@ -26,6 +27,8 @@ __all__ = [
     "PayloadTooLarge",
     "QueuedWorkClaimExpired",
     "QueuedWorkSourceKeyConflict",
+    "RuntimeTurnCommitConflict",
+    "SessionBindingMismatch",
     "SessionError",
     "SessionExecutionLeaseExpired",
     "StorageFullError",
@@ -41,6 +44,7 @@ __all__ = [
     "TaskNotFound",
     "TerminalState",
     "TurnbuckleError",
+    "UnsupportedReadScope",
     "UnsupportedSchemaVersion",
 ]
 
@@ -218,6 +222,42 @@ class QueuedWorkSourceKeyConflict(SessionError):
     )
     session_id: str
     source_key: str
+
+
+class HeadRevisionConflict(SessionError):
+    """The session head moved since the revision the commit was computed from: reload and
+    decide again. Nothing was written."""
+
+    _fields = ("expected", "actual")
+    _template = "expected head revision {expected}, the session is at {actual}"
+    expected: int
+    actual: int
+
+
+class RuntimeTurnCommitConflict(SessionError):
+    """The turn already committed something else under this turn id."""
+
+    _fields = ("session_id", "turn_id")
+    _template = "session {session_id!r}: turn {turn_id!r} already committed different content"
+    session_id: str
+    turn_id: str
+
+
+class SessionBindingMismatch(SessionError):
+    """A session handle bound to one session was asked to commit another."""
+
+    _fields = ("bound_session_id", "attempted_session_id")
+    _template = "this handle is bound to session {bound_session_id!r}, not {attempted_session_id!r}"
+    bound_session_id: str
+    attempted_session_id: str
+
+
+class UnsupportedReadScope(SessionError, InvalidArgument):
+    """``load_session`` was given something that is not a read scope."""
+
+    _fields = ("scope",)
+    _template = "unsupported read scope {scope!r}: use FullGraph() or ActivePath(leaf)"
+    scope: object
 
 
 # --- the store -------------------------------------------------------------------------------

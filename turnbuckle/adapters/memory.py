@@ -12,32 +12,32 @@ processes, and its contents end with it.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio.lowlevel
 import attrs
 
-from turnbuckle.adapters.tasks import TaskTable
 from turnbuckle.errors import StoreClosedError, StoreInternalError, TurnbuckleError
+from turnbuckle.sansio.lease import LeaseRow
+from turnbuckle.sansio.queue import QueuedBatchRow
+from turnbuckle.sansio.session import AttachmentEntry, HeadRow, TurnStampRow
 from turnbuckle.sansio.task import TaskRow, TaskStatus
 
-__all__ = ["MemoryTaskTable", "MemoryRunner"]
+__all__ = ["MemoryRunner", "MemorySessionTable", "MemoryTables", "MemoryTaskTable"]
 
 T = TypeVar("T")
 _LIVE = frozenset({TaskStatus.WORKING.value, TaskStatus.INPUT_REQUIRED.value})
 
 
-class MemoryTaskTable:
-    """Tasks in dicts, with sorted keys per listing scope for keyset pagination."""
+_MISSING: Any = object()
+
+
+class _UndoLog:
+    """All-or-nothing for plain dicts: every change inside an operation records its inverse."""
 
     def __init__(self) -> None:
-        self._rows: dict[str, TaskRow] = {}
-        # (created_ms, task_id) keys in order: None is "all tasks", else a session id.
-        self._order: dict[str | None, list[tuple[int, str]]] = {None: []}
         self._undo: list[Callable[[], None]] | None = None
-
-    # --- transactions ---
 
     def begin(self) -> None:
         self._undo = []
@@ -53,6 +53,34 @@ class MemoryTaskTable:
     def _log(self, step: Callable[[], None]) -> None:
         if self._undo is not None:
             self._undo.append(step)
+
+    def _set(self, mapping: dict[Any, Any], key: Any, value: Any) -> None:
+        old = mapping.get(key, _MISSING)
+        mapping[key] = value
+        self._log(lambda: _restore(mapping, key, old))
+
+    def _pop(self, mapping: dict[Any, Any], key: Any) -> Any:
+        old = mapping.pop(key, _MISSING)
+        if old is not _MISSING:
+            self._log(lambda: _restore(mapping, key, old))
+        return None if old is _MISSING else old
+
+
+def _restore(mapping: dict[Any, Any], key: Any, old: Any) -> None:
+    if old is _MISSING:
+        mapping.pop(key, None)
+    else:
+        mapping[key] = old
+
+
+class MemoryTaskTable(_UndoLog):
+    """Tasks in dicts, with sorted keys per listing scope for keyset pagination."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rows: dict[str, TaskRow] = {}
+        # (created_ms, task_id) keys in order: None is "all tasks", else a session id.
+        self._order: dict[str | None, list[tuple[int, str]]] = {None: []}
 
     # --- TaskTable ---
 
@@ -132,14 +160,206 @@ class MemoryTaskTable:
         self._rows[task_id] = attrs.evolve(self._rows[task_id], **changes)
 
 
-class MemoryRunner:
-    """Runs each operation atomically against one :class:`MemoryTaskTable`."""
+class MemorySessionTable(_UndoLog):
+    """Sessions, leases, queued work, attachments and blobs in dicts."""
 
-    def __init__(self, table: MemoryTaskTable) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self._heads: dict[str, HeadRow] = {}
+        # session -> {node_id: [seq, json, tombstoned]} ; insertion order is seq order
+        self._nodes: dict[str, dict[str, tuple[int, str, bool]]] = {}
+        self._node_seq = 0
+        self._usage: dict[str, dict[int, str]] = {}
+        self._stamps: dict[tuple[str, str], TurnStampRow] = {}
+        self._leases: dict[str, LeaseRow] = {}
+        self._batches: dict[str, QueuedBatchRow] = {}
+        self._sources: dict[tuple[str, str], str] = {}
+        self._enqueue_seq = 0
+        self._meta: dict[str, str] = {}
+        self._attachments: dict[str, AttachmentEntry] = {}
+        self._blobs: dict[str, bytes] = {}
+
+    def head(self, session_id: str) -> HeadRow | None:
+        return self._heads.get(session_id)
+
+    def put_head(self, row: HeadRow, expected_revision: int) -> bool:
+        old = self._heads.get(row.session_id)
+        if (0 if old is None else old.head_revision) != expected_revision:
+            return False
+        self._set(self._heads, row.session_id, row)
+        return True
+
+    def heads(self) -> list[HeadRow]:
+        return list(self._heads.values())
+
+    def nodes(self, session_id: str) -> list[tuple[str, str, bool]]:
+        found = self._nodes.get(session_id, {})
+        ordered = sorted(found.items(), key=lambda item: item[1][0])
+        return [(node_id, text, dead) for node_id, (_, text, dead) in ordered]
+
+    def node(self, session_id: str, node_id: str) -> tuple[str, bool] | None:
+        found = self._nodes.get(session_id, {}).get(node_id)
+        return None if found is None else (found[1], found[2])
+
+    def _session_nodes(self, session_id: str) -> dict[str, tuple[int, str, bool]]:
+        if session_id not in self._nodes:
+            self._set(self._nodes, session_id, {})
+        return self._nodes[session_id]
+
+    def add_nodes(self, session_id: str, nodes: Sequence[tuple[str, str]]) -> None:
+        table = self._session_nodes(session_id)
+        for node_id, text in nodes:
+            self._node_seq += 1
+            self._set(table, node_id, (self._node_seq, text, False))
+
+    def clear_nodes(self, session_id: str) -> None:
+        table = self._session_nodes(session_id)
+        for node_id in list(table):
+            self._pop(table, node_id)
+
+    def tombstone(self, session_id: str, node_ids: Sequence[str]) -> int:
+        table = self._nodes.get(session_id, {})
+        count = 0
+        for node_id in node_ids:
+            found = table.get(node_id)
+            if found is not None and not found[2]:
+                self._set(table, node_id, (found[0], found[1], True))
+                count += 1
+        return count
+
+    def vacuum(self) -> int:
+        count = 0
+        for table in self._nodes.values():
+            for node_id, (_, _, dead) in list(table.items()):
+                if dead:
+                    self._pop(table, node_id)
+                    count += 1
+        return count
+
+    def add_usage(self, session_id: str, entries: Sequence[str]) -> None:
+        if session_id not in self._usage:
+            self._set(self._usage, session_id, {})
+        ledger = self._usage[session_id]
+        for text in entries:
+            self._set(ledger, len(ledger), text)
+
+    def usage(self, session_id: str) -> list[str]:
+        ledger = self._usage.get(session_id, {})
+        return [ledger[i] for i in sorted(ledger)]
+
+    def stamp(self, session_id: str, turn_id: str) -> TurnStampRow | None:
+        return self._stamps.get((session_id, turn_id))
+
+    def put_stamp(self, row: TurnStampRow) -> None:
+        self._set(self._stamps, (row.session_id, row.turn_id), row)
+
+    def lease(self, session_id: str) -> LeaseRow | None:
+        return self._leases.get(session_id)
+
+    def put_lease(self, row: LeaseRow) -> None:
+        self._set(self._leases, row.session_id, row)
+
+    def batches(self, session_id: str) -> list[QueuedBatchRow]:
+        rows = [r for r in self._batches.values() if r.session_id == session_id]
+        return sorted(rows, key=lambda r: r.enqueue_seq)
+
+    def batch(self, batch_id: str) -> QueuedBatchRow | None:
+        return self._batches.get(batch_id)
+
+    def batch_by_source(self, session_id: str, source_key: str) -> QueuedBatchRow | None:
+        batch_id = self._sources.get((session_id, source_key))
+        return None if batch_id is None else self._batches.get(batch_id)
+
+    def next_enqueue_seq(self) -> int:
+        seq = self._enqueue_seq + 1
+        self._enqueue_seq = seq
+        return seq
+
+    def insert_batch(self, row: QueuedBatchRow) -> None:
+        self._set(self._batches, row.batch_id, row)
+        if row.source_key is not None:
+            self._set(self._sources, (row.session_id, row.source_key), row.batch_id)
+
+    def update_batch(self, row: QueuedBatchRow, claim_token: str | None) -> bool:
+        old = self._batches.get(row.batch_id)
+        if old is None or old.claim_token != claim_token:
+            return False
+        self._set(self._batches, row.batch_id, row)
+        return True
+
+    def delete_batch(self, batch_id: str) -> bool:
+        row = self._pop(self._batches, batch_id)
+        if row is None:
+            return False
+        if row.source_key is not None:
+            self._pop(self._sources, (row.session_id, row.source_key))
+        return True
+
+    def meta(self, session_id: str) -> str | None:
+        return self._meta.get(session_id)
+
+    def put_meta(self, session_id: str, meta: str) -> None:
+        self._set(self._meta, session_id, meta)
+
+    def put_intent(self, entry: AttachmentEntry) -> None:
+        if entry.attachment_id not in self._attachments:
+            self._set(self._attachments, entry.attachment_id, entry)
+
+    def commit_attachments(self, session_id: str, ids: Sequence[str], now_ms: int) -> None:
+        for attachment_id in ids:
+            entry = self._attachments.get(attachment_id)
+            if entry is not None and entry.committed_at_ms is None:
+                self._set(
+                    self._attachments, attachment_id, attrs.evolve(entry, committed_at_ms=now_ms)
+                )
+
+    def uncommitted(self, older_than_ms: int) -> list[AttachmentEntry]:
+        return sorted(
+            (
+                e
+                for e in self._attachments.values()
+                if e.committed_at_ms is None and e.intent_at_ms < older_than_ms
+            ),
+            key=lambda e: (e.intent_at_ms, e.attachment_id),
+        )
+
+    def forget(self, attachment_id: str) -> bool:
+        return self._pop(self._attachments, attachment_id) is not None
+
+    def put_blob(self, ref: str, content: bytes) -> None:
+        if ref not in self._blobs:
+            self._set(self._blobs, ref, content)
+
+    def blob(self, ref: str) -> bytes | None:
+        return self._blobs.get(ref)
+
+    def blob_refs(self) -> list[str]:
+        return sorted(self._blobs)
+
+    def delete_blob(self, ref: str) -> None:
+        self._pop(self._blobs, ref)
+
+
+class MemoryTables(MemoryTaskTable, MemorySessionTable):
+    """Every table of a memory store, sharing one undo log."""
+
+    def __init__(self) -> None:
+        MemoryTaskTable.__init__(self)
+        MemorySessionTable.__init__(self)
+
+
+class MemoryRunner:
+    """Runs each operation atomically against one :class:`MemoryTables`."""
+
+    def __init__(self, table: MemoryTables) -> None:
         self.table = table
         self.closed = False
 
-    async def run(self, fn: Callable[[TaskTable], T], *, writes: bool) -> T:
+    async def aclose(self) -> None:
+        """Refuse every later operation (the contents go with the store)."""
+        self.closed = True
+
+    async def run(self, fn: Callable[[Any], T], *, writes: bool) -> T:
         # A checkpoint per operation keeps the memory store as interleavable (and cancellable)
         # as a real one, so concurrency tests exercise the same orderings on both.
         await anyio.lowlevel.checkpoint()

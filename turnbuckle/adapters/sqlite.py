@@ -49,7 +49,6 @@ import apsw
 import attrs
 
 from turnbuckle.actors.oneshot import ThreadReply
-from turnbuckle.adapters.tasks import TaskTable
 from turnbuckle.errors import (
     ForeignDatabaseError,
     InvalidArgument,
@@ -392,7 +391,7 @@ class SqliteRunner:
             self._closed = True
             raise
 
-    async def run(self, fn: Callable[[TaskTable], T], *, writes: bool) -> T:
+    async def run(self, fn: Callable[[Any], T], *, writes: bool) -> T:
         """Run ``fn(table)`` atomically on the owner thread and return its result.
 
         Raises:

@@ -7,7 +7,8 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from turnbuckle.adapters.memory import MemoryRunner, MemoryTaskTable
+from turnbuckle.adapters.memory import MemoryRunner, MemoryTables
+from turnbuckle.adapters.sessions import DurabilityTier, SessionFacet
 from turnbuckle.adapters.sqlite import Durability, SqliteRunner
 from turnbuckle.adapters.tasks import Clock, TaskFacet
 from turnbuckle.errors import InvalidArgument
@@ -36,15 +37,23 @@ class Store:
 
     Attributes:
         tasks: durable MCP tasks (:class:`~turnbuckle.adapters.tasks.TaskFacet`).
+        sessions: session heads, leases and queued work
+            (:class:`~turnbuckle.adapters.sessions.SessionFacet`).
         backend_name: ``"in-memory"`` or ``"sqlite"``.
         url: the URL it was opened with.
     """
 
     def __init__(
-        self, *, url: str, tasks: TaskFacet, closer: Callable[[], Awaitable[None]]
+        self,
+        *,
+        url: str,
+        tasks: TaskFacet,
+        sessions: SessionFacet,
+        closer: Callable[[], Awaitable[None]],
     ) -> None:
         self.url = url
         self.tasks = tasks
+        self.sessions = sessions
         self.backend_name = tasks.backend_name
         self._closer = closer
 
@@ -98,40 +107,39 @@ async def open_store(
     ids = SystemIds() if ids is None else ids
     if not isinstance(url, str):
         raise InvalidArgument(f"url must be a str, got {url!r}")
+    runner: MemoryRunner | SqliteRunner
+    tier: DurabilityTier
     if url == "memory://":
-        memory = MemoryRunner(MemoryTaskTable())
-        tasks = TaskFacet(
-            memory,
-            backend_name="in-memory",
-            clock=clock,
-            ids=ids,
-            max_tasks=max_tasks,
-            max_payload_bytes=max_payload_bytes,
-        )
-
-        async def close_memory() -> None:
-            memory.closed = True
-
-        store = Store(url=url, tasks=tasks, closer=close_memory)
+        runner = MemoryRunner(MemoryTables())
+        backend, tier = "in-memory", "inline"
     elif url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
-        path = url[len("sqlite:///") :]
         runner = SqliteRunner(
-            path, durability=durability, busy_timeout_s=busy_timeout, verify_on_open=verify_on_open
+            url[len("sqlite:///") :],
+            durability=durability,
+            busy_timeout_s=busy_timeout,
+            verify_on_open=verify_on_open,
         )
         await runner.start()
-        tasks = TaskFacet(
-            runner,
-            backend_name="sqlite",
-            clock=clock,
-            ids=ids,
-            max_tasks=max_tasks,
-            max_payload_bytes=max_payload_bytes,
-        )
-        store = Store(url=url, tasks=tasks, closer=runner.aclose)
+        backend, tier = "sqlite", "durable"
     else:
         raise InvalidArgument(
             f"unknown store URL {url!r}: use 'memory://' or 'sqlite:///path/to/file.db'"
         )
+    store = Store(
+        url=url,
+        tasks=TaskFacet(
+            runner,
+            backend_name=backend,
+            clock=clock,
+            ids=ids,
+            max_tasks=max_tasks,
+            max_payload_bytes=max_payload_bytes,
+        ),
+        sessions=SessionFacet(
+            runner, clock=clock, ids=ids, max_payload_bytes=max_payload_bytes, durability_tier=tier
+        ),
+        closer=runner.aclose,
+    )
     try:
         yield store
     finally:

@@ -382,7 +382,7 @@ def encode_outcome(outcome: TaskOutcome, limit: int = DEFAULT_MAX_PAYLOAD_BYTES)
 def _decode_outcome(text: str) -> TaskOutcome:
     body = decode_json(text)
     if not isinstance(body, dict):
-        raise ValueError("outcome is not an object")  # noqa: TRY004 (decode errors are ValueError)
+        raise ValueError("outcome is not an object")
     kind = body.get("type")
     if kind == "success" and set(body) == {"type", "value"}:
         return TaskSuccess(body["value"])
