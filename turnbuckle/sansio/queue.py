@@ -446,8 +446,10 @@ def check_completion(
     Raises:
         QueuedWorkClaimExpired: some batch was abandoned, reclaimed, cancelled or delivered.
     """
-    if not completion.batch_ids or not all(
-        _owns(row, completion.claim_id, completion.lease_token) for row in rows
+    if (
+        not completion.batch_ids
+        or len(rows) != len(completion.batch_ids)
+        or not all(_owns(row, completion.claim_id, completion.lease_token) for row in rows)
     ):
         raise QueuedWorkClaimExpired(completion.session_id, completion.claim_id)
 
