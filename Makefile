@@ -27,6 +27,7 @@ test: lint typecheck
 
 bench: $(STAMP)
 	$(BIN)/python bench/tasks.py
+	$(BIN)/python bench/sessions.py
 
 soak: $(STAMP)
 	TURNBUCKLE_SOAK=1 $(BIN)/python -m pytest -q tests/reliability

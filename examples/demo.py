@@ -11,9 +11,19 @@ from __future__ import annotations
 import collections
 import os
 
+import attrs
 import trio
 
 from turnbuckle import (
+    Checkpoint,
+    ClaimBoundary,
+    DeliveryPolicy,
+    GraphAppend,
+    MergeKey,
+    QueuedWorkDraft,
+    RuntimeCommit,
+    SessionNode,
+    SlotPolicy,
     Store,
     TaskOutcome,
     TaskRecord,
@@ -21,7 +31,11 @@ from turnbuckle import (
     TaskStatus,
     TaskSuccess,
     TerminalState,
+    TokenUsage,
+    TurnCommitStamp,
+    UsageEntry,
     open_store,
+    turn_commit_hash,
 )
 
 DB = "demo-tasks.db"
@@ -183,9 +197,80 @@ async def main() -> None:
         print(f"   {'total':<16}{await store.tasks.task_count():>5}")
 
 
+async def session_scene() -> None:
+    """Session persistence: one writer per session, durable queued input, atomic turn commits."""
+    print("7. Sessions: two runtimes contend for one agent session")
+    async with open_store(URL) as store:
+        sessions = store.sessions
+        # Both runtimes try to take the session's execution lease; only one may run it.
+        a = await sessions.try_claim_lease("chat-42", "runtime-a", ttl_ms=30_000)
+        b = await sessions.try_claim_lease("chat-42", "runtime-b", ttl_ms=30_000)
+        assert a is not None and b is None
+        print(f"   runtime-a holds the lease (fencing token {a.fencing_token}); runtime-b waits")
+
+        # Messages arriving while a turn runs are queued durably, never rejected. Two joinable
+        # messages are delivered together; the one marked after_current_turn_commit waits.
+        def message(text: str, delivery: DeliveryPolicy, key: str) -> QueuedWorkDraft:
+            return QueuedWorkDraft(
+                session_id="chat-42",
+                delivery=delivery,
+                slot=SlotPolicy.JOIN,
+                merge_key=MergeKey.PAYLOAD_DEFAULT,
+                payloads=[{"role": "user", "text": text}],
+                source_key=key,  # the client's message id: a resend is the same batch
+            )
+
+        now = DeliveryPolicy.EARLIEST_SAFE_BOUNDARY
+        later = DeliveryPolicy.AFTER_CURRENT_TURN_COMMIT
+        first = await sessions.enqueue(message("also check the logs", now, "m1"))
+        await sessions.enqueue(message("and the metrics", now, "m2"))
+        await sessions.enqueue(message("then write a summary", later, "m3"))
+        resent = await sessions.enqueue(message("also check the logs", now, "m1"))
+        assert resent.batch_id == first.batch_id
+        claim = await sessions.claim_queued_work(
+            "chat-42", a.fence(), "runtime-a", ClaimBoundary.ACTIVE_TURN_CHECKPOINT, 30_000, 10
+        )
+        assert claim is not None
+        texts = [item.payload["text"] for b in claim.batches for item in b.items]  # type: ignore[index, call-overload]
+        print(f"   at the turn's checkpoint runtime-a takes {texts}; 'then write a summary' waits")
+
+        # The turn ends with ONE atomic commit: graph, checkpoint, usage, the delivered queue
+        # batches, a turn stamp for idempotent replay, and the lease release.
+        turn = RuntimeCommit(
+            session_id="chat-42",
+            graph=GraphAppend(nodes=[SessionNode(node_id="n1", payload={"assistant": "done"})]),
+            checkpoint=Checkpoint(turn_state={"turn": 1}, tool_state=b"tool-cache-v1"),
+            usage=[UsageEntry(source="turn", model="demo", usage=TokenUsage(input_tokens=120))],
+        )
+        stamp = TurnCommitStamp(
+            session_id="chat-42", turn_id="turn-1", turn_commit_hash=turn_commit_hash(turn)
+        )
+        final = attrs.evolve(
+            turn,
+            lease=a.fence(),
+            release=a.fence(),
+            turn_commit=stamp,
+            completed_claims=[claim.completion()],
+        )
+        head = sessions.bind("chat-42")
+        result = await head.commit(final)
+        print(f"   turn 1 committed: head revision {result.head_revision}, lease released")
+    # "Crash" before runtime-a heard back: after a restart it retries the same final commit.
+    async with open_store(URL) as store:
+        retried = await store.sessions.bind("chat-42").commit(final)
+        assert retried == result
+        print(f"   after a restart the retried commit replays: revision {retried.head_revision}")
+        pending = await store.sessions.list_pending_queued_work("chat-42")
+        print(f"   still queued for the next turn: {len(pending)} batch (delivered exactly once)")
+        b = await store.sessions.try_claim_lease("chat-42", "runtime-b", ttl_ms=30_000)
+        assert b is not None and b.fencing_token > a.fencing_token
+        print(f"   runtime-b now takes the session with a higher fencing token ({b.fencing_token})")
+
+
 if __name__ == "__main__":
     # Start fresh on every run: remove the database and its WAL side files.
     for path in (DB, f"{DB}-wal", f"{DB}-shm"):
         if os.path.exists(path):
             os.remove(path)
     trio.run(main)
+    trio.run(session_scene)

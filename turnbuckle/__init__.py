@@ -12,6 +12,32 @@ from turnbuckle.adapters.store import Store as Store
 from turnbuckle.adapters.store import open_store as open_store
 from turnbuckle.errors import *  # noqa: F403
 from turnbuckle.errors import __all__ as _error_names
+from turnbuckle.sansio.lease import LeaseFence as LeaseFence
+from turnbuckle.sansio.lease import SessionLease as SessionLease
+from turnbuckle.sansio.queue import ClaimBoundary as ClaimBoundary
+from turnbuckle.sansio.queue import DeliveryPolicy as DeliveryPolicy
+from turnbuckle.sansio.queue import MergeKey as MergeKey
+from turnbuckle.sansio.queue import QueuedWorkBatch as QueuedWorkBatch
+from turnbuckle.sansio.queue import QueuedWorkClaim as QueuedWorkClaim
+from turnbuckle.sansio.queue import QueuedWorkDraft as QueuedWorkDraft
+from turnbuckle.sansio.queue import SlotPolicy as SlotPolicy
+from turnbuckle.sansio.session import ActivePath as ActivePath
+from turnbuckle.sansio.session import AgentFrame as AgentFrame
+from turnbuckle.sansio.session import AttachmentIntent as AttachmentIntent
+from turnbuckle.sansio.session import Checkpoint as Checkpoint
+from turnbuckle.sansio.session import CommitResult as CommitResult
+from turnbuckle.sansio.session import FullGraph as FullGraph
+from turnbuckle.sansio.session import GraphAppend as GraphAppend
+from turnbuckle.sansio.session import GraphReplace as GraphReplace
+from turnbuckle.sansio.session import GraphUnchanged as GraphUnchanged
+from turnbuckle.sansio.session import RuntimeCommit as RuntimeCommit
+from turnbuckle.sansio.session import SessionMeta as SessionMeta
+from turnbuckle.sansio.session import SessionNode as SessionNode
+from turnbuckle.sansio.session import SessionRead as SessionRead
+from turnbuckle.sansio.session import TokenUsage as TokenUsage
+from turnbuckle.sansio.session import TurnCommitStamp as TurnCommitStamp
+from turnbuckle.sansio.session import UsageEntry as UsageEntry
+from turnbuckle.sansio.session import turn_commit_hash as turn_commit_hash
 from turnbuckle.sansio.task import TaskOutcome as TaskOutcome
 from turnbuckle.sansio.task import TaskPage as TaskPage
 from turnbuckle.sansio.task import TaskRecord as TaskRecord
@@ -22,6 +48,28 @@ from turnbuckle.sansio.task import TaskSuccess as TaskSuccess
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivePath",
+    "AgentFrame",
+    "AttachmentIntent",
+    "Checkpoint",
+    "ClaimBoundary",
+    "CommitResult",
+    "DeliveryPolicy",
+    "FullGraph",
+    "GraphAppend",
+    "GraphReplace",
+    "GraphUnchanged",
+    "LeaseFence",
+    "MergeKey",
+    "QueuedWorkBatch",
+    "QueuedWorkClaim",
+    "QueuedWorkDraft",
+    "RuntimeCommit",
+    "SessionLease",
+    "SessionMeta",
+    "SessionNode",
+    "SessionRead",
+    "SlotPolicy",
     "Store",
     "TaskOutcome",
     "TaskPage",
@@ -29,6 +77,10 @@ __all__ = [
     "TaskRpcError",
     "TaskStatus",
     "TaskSuccess",
+    "TokenUsage",
+    "TurnCommitStamp",
+    "UsageEntry",
     "open_store",
+    "turn_commit_hash",
     *_error_names,
 ]

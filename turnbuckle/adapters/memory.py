@@ -308,7 +308,11 @@ class MemorySessionTable(_UndoLog):
     def commit_attachments(self, session_id: str, ids: Sequence[str], now_ms: int) -> None:
         for attachment_id in ids:
             entry = self._attachments.get(attachment_id)
-            if entry is not None and entry.committed_at_ms is None:
+            if (
+                entry is not None
+                and entry.session_id == session_id
+                and entry.committed_at_ms is None
+            ):
                 self._set(
                     self._attachments, attachment_id, attrs.evolve(entry, committed_at_ms=now_ms)
                 )

@@ -36,6 +36,7 @@ from turnbuckle.sansio.lease import (
     SessionLease,
     check_fence,
     check_fence_argument,
+    check_ttl,
     claim_lease,
     free_lease_row,
     release_lease,
@@ -260,7 +261,7 @@ class SessionFacet:
             InvalidArgument: a bad fence or ttl.
         """
         check_fence_argument(fence)
-        check_int64("ttl_ms", ttl_ms)
+        check_ttl(ttl_ms)
         now = self._clock.now_ms()
 
         def op(table: SessionTable) -> SessionLease:
@@ -368,6 +369,7 @@ class SessionFacet:
         _check_session(session_id, self._limit)
         check_fence_argument(fence)
         check_text("owner_id", owner_id, limit=self._limit)
+        check_ttl(ttl_ms)
         now, ids = self._clock.now_ms(), self._ids
         select([], now)  # validates the selection's own arguments before any IO
 

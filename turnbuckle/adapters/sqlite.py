@@ -24,9 +24,10 @@ loop except to schedule "your reply is ready" on it. That gives:
   about a write that then commits. Reads may be abandoned.
 - **A race-free open.** The schema is checked and created inside ``BEGIN IMMEDIATE``, with an
   ``application_id`` stamp (so a foreign file, or our file with another database's ``-wal``, is
-  refused rather than written over), an exact ``user_version`` match, a write probe (so a
-  read-only file fails at open, not at the first write), WAL switched on after the schema commit
-  with a bounded retry, and ``PRAGMA quick_check`` (on by default).
+  refused rather than written over), a ``user_version`` check (an older version is migrated in
+  place, in the same transaction, one DDL statement at a time; a newer one is refused), a write
+  probe (so a read-only file fails at open, not at the first write), WAL switched on after the
+  schema commit with a bounded retry, and ``PRAGMA quick_check`` (on by default).
 
 Durability: ``"full"`` (default) is ``synchronous=FULL``: an acknowledged write survives a
 process crash and an OS crash or power loss on storage that honours fsync. ``"process"`` is
@@ -38,11 +39,12 @@ network filesystem, and all processes using a file must be on one host.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal, TypeVar
 
 import apsw
@@ -50,6 +52,7 @@ import attrs
 
 from turnbuckle.actors.oneshot import ThreadReply
 from turnbuckle.errors import (
+    CorruptRecordError,
     ForeignDatabaseError,
     InvalidArgument,
     NotADatabaseError,
@@ -63,6 +66,9 @@ from turnbuckle.errors import (
     TurnbuckleError,
     UnsupportedSchemaVersion,
 )
+from turnbuckle.sansio.lease import LeaseRow
+from turnbuckle.sansio.queue import QueuedBatchRow
+from turnbuckle.sansio.session import AttachmentEntry, HeadRow, TurnStampRow
 from turnbuckle.sansio.task import TaskRow
 
 __all__ = [
@@ -70,6 +76,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "Durability",
     "SqliteRunner",
+    "SqliteSessionTable",
+    "SqliteTables",
     "SqliteTaskTable",
     "sqlite_version",
     "wal_reset_bug_fixed",
@@ -80,13 +88,15 @@ Durability = Literal["full", "process"]
 
 #: Stamped in the file header: "TRNB". A file without it is not ours.
 APPLICATION_ID: Final = 0x54524E42
-#: The schema this code reads and writes; any other version is refused at open.
-SCHEMA_VERSION: Final = 1
+#: The schema this code reads and writes. An older file is migrated at open (see
+#: ``_MIGRATIONS``); a newer one is refused.
+SCHEMA_VERSION: Final = 2
 #: Most requests one transaction takes; bounds the latency a big burst adds to its first caller.
 MAX_BATCH: Final = 256
 _WAL_RETRIES: Final = 20
 
-_DDL: Final = (
+# Version 1: the task table.
+_DDL_V1: Final = (
     "CREATE TABLE tb_meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL) STRICT",
     "INSERT INTO tb_meta (key, value) VALUES ('open_count', 0)",
     """CREATE TABLE tasks (
@@ -113,6 +123,93 @@ _DDL: Final = (
     "CREATE INDEX tasks_by_expiry ON tasks (expires_ms) WHERE expires_ms IS NOT NULL",
     "CREATE INDEX tasks_live ON tasks (updated_ms) WHERE status IN ('working', 'input_required')",
 )
+
+# Version 2 adds the session tables (the rows of :mod:`turnbuckle.sansio.lease`, ``.queue`` and
+# ``.session``). ``seq`` columns are rowid aliases: insertion order within a session.
+_DDL_V2: Final = (
+    """CREATE TABLE session_heads (
+        session_id TEXT PRIMARY KEY NOT NULL,
+        head_revision INTEGER NOT NULL,
+        state TEXT NOT NULL
+    ) STRICT""",
+    """CREATE TABLE graph_nodes (
+        seq INTEGER PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        node_json TEXT NOT NULL,
+        tombstoned INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (session_id, node_id)
+    ) STRICT""",
+    "CREATE INDEX graph_nodes_in_order ON graph_nodes (session_id, seq)",
+    "CREATE INDEX graph_nodes_tombstoned ON graph_nodes (seq) WHERE tombstoned = 1",
+    """CREATE TABLE usage_entries (
+        seq INTEGER PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        entry TEXT NOT NULL
+    ) STRICT""",
+    "CREATE INDEX usage_in_order ON usage_entries (session_id, seq)",
+    """CREATE TABLE turn_stamps (
+        session_id TEXT NOT NULL,
+        turn_id TEXT NOT NULL,
+        turn_commit_hash TEXT NOT NULL,
+        head_revision INTEGER NOT NULL,
+        checkpoint_ref TEXT NOT NULL,
+        PRIMARY KEY (session_id, turn_id)
+    ) STRICT""",
+    """CREATE TABLE session_leases (
+        session_id TEXT PRIMARY KEY NOT NULL,
+        owner_id TEXT,
+        lease_token TEXT,
+        fencing_token INTEGER NOT NULL,
+        claimed_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL
+    ) STRICT""",
+    """CREATE TABLE queued_work (
+        enqueue_seq INTEGER PRIMARY KEY,
+        batch_id TEXT NOT NULL UNIQUE,
+        session_id TEXT NOT NULL,
+        source_key TEXT,
+        delivery TEXT NOT NULL,
+        slot TEXT NOT NULL,
+        merge_key TEXT NOT NULL,
+        available_at_ms INTEGER NOT NULL,
+        enqueued_at_ms INTEGER NOT NULL,
+        items TEXT NOT NULL,
+        claim_id TEXT,
+        claim_owner_id TEXT,
+        claim_token TEXT,
+        claim_fencing_token INTEGER NOT NULL,
+        claimed_at_ms INTEGER NOT NULL,
+        claim_expires_at_ms INTEGER NOT NULL
+    ) STRICT""",
+    "CREATE INDEX queued_work_in_order ON queued_work (session_id, enqueue_seq)",
+    "CREATE UNIQUE INDEX queued_work_by_source ON queued_work (session_id, source_key)"
+    " WHERE source_key IS NOT NULL",
+    """CREATE TABLE session_meta (
+        session_id TEXT PRIMARY KEY NOT NULL,
+        meta TEXT NOT NULL
+    ) STRICT""",
+    """CREATE TABLE attachments (
+        attachment_id TEXT PRIMARY KEY NOT NULL,
+        session_id TEXT NOT NULL,
+        canonical_uri TEXT NOT NULL,
+        intent_at_ms INTEGER NOT NULL,
+        committed_at_ms INTEGER
+    ) STRICT""",
+    "CREATE INDEX attachments_uncommitted ON attachments (intent_at_ms, attachment_id)"
+    " WHERE committed_at_ms IS NULL",
+    """CREATE TABLE blobs (
+        ref TEXT PRIMARY KEY NOT NULL,
+        content BLOB NOT NULL
+    ) STRICT""",
+    # The store-wide enqueue counter: never reused, even after the last batches are deleted.
+    "INSERT INTO tb_meta (key, value) VALUES ('enqueue_seq', 0)",
+)
+
+#: A brand-new file gets every table at once.
+_DDL: Final = (*_DDL_V1, *_DDL_V2)
+#: The statements that take a file from version ``v`` to ``v + 1``.
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _DDL_V2}
 
 
 def sqlite_version() -> str:
@@ -207,6 +304,344 @@ class SqliteTaskTable:
         return [_row(r) for r in self._conn.execute(sql, (cutoff_ms,))]
 
 
+# --- session rows ----------------------------------------------------------------------------
+
+_LEASE_COLUMNS: Final = (
+    "session_id, owner_id, lease_token, fencing_token, claimed_at_ms, expires_at_ms"
+)
+# QueuedBatchRow's fields, in its order (``items`` is stored as JSON text).
+_BATCH_FIELDS: Final = tuple(field.name for field in attrs.fields(QueuedBatchRow))
+_BATCH_SELECT: Final = f"SELECT {', '.join(_BATCH_FIELDS)} FROM queued_work"
+_BATCH_INSERT: Final = (
+    f"INSERT INTO queued_work ({', '.join(_BATCH_FIELDS)})"
+    f" VALUES (?{', ?' * (len(_BATCH_FIELDS) - 1)})"
+)
+_BATCH_SET: Final = tuple(name for name in _BATCH_FIELDS if name != "batch_id")
+_BATCH_UPDATE: Final = (
+    f"UPDATE queued_work SET {', '.join(f'{name} = ?' for name in _BATCH_SET)}"
+    " WHERE batch_id = ? AND claim_token IS ?"
+)
+_ATTACHMENT_SELECT: Final = (
+    "SELECT attachment_id, session_id, canonical_uri, intent_at_ms, committed_at_ms"
+    " FROM attachments"
+)
+
+
+def _items_text(items: tuple[tuple[str, str], ...]) -> str:
+    return json.dumps([list(item) for item in items], ensure_ascii=False, separators=(",", ":"))
+
+
+def _items(batch_id: str, text: str) -> tuple[tuple[str, str], ...]:
+    try:
+        value = json.loads(text)
+        if not isinstance(value, list):
+            raise ValueError("items is not a list")
+        items: list[tuple[str, str]] = []
+        for item in value:
+            if not (
+                isinstance(item, list) and len(item) == 2 and all(type(x) is str for x in item)
+            ):
+                raise ValueError(f"not an (item_id, payload) pair: {item!r}")
+            items.append((item[0], item[1]))
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise CorruptRecordError("queued_work", batch_id, repr(exc)) from exc
+    return tuple(items)
+
+
+def _batch_row(values: tuple[Any, ...]) -> QueuedBatchRow:
+    fields = dict(zip(_BATCH_FIELDS, values, strict=True))
+    fields["items"] = _items(fields["batch_id"], fields["items"])
+    return QueuedBatchRow(**fields)
+
+
+def _batch_values(row: QueuedBatchRow, names: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(
+        _items_text(row.items) if name == "items" else getattr(row, name) for name in names
+    )
+
+
+def _attachment(values: tuple[Any, ...]) -> AttachmentEntry:
+    attachment_id, session_id, uri, intent_at_ms, committed_at_ms = values
+    return AttachmentEntry(
+        attachment_id=attachment_id,
+        session_id=session_id,
+        canonical_uri=uri,
+        intent_at_ms=intent_at_ms,
+        committed_at_ms=committed_at_ms,
+    )
+
+
+class SqliteSessionTable:
+    """The session tables of one connection, with :class:`MemorySessionTable`'s semantics;
+    every call runs inside the caller's transaction, and guarded writes report by the changed-row
+    count whether their guard held."""
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self._conn = conn
+
+    def _changed(self) -> bool:
+        return bool(self._conn.changes() == 1)
+
+    # --- heads ---
+
+    def head(self, session_id: str) -> HeadRow | None:
+        sql = "SELECT head_revision, state FROM session_heads WHERE session_id = ?"
+        found = self._conn.execute(sql, (session_id,)).fetchone()
+        if found is None:
+            return None
+        return HeadRow(session_id=session_id, head_revision=found[0], state=found[1])
+
+    def put_head(self, row: HeadRow, expected_revision: int) -> bool:
+        conn = self._conn
+        conn.execute(
+            "UPDATE session_heads SET head_revision = ?, state = ?"
+            " WHERE session_id = ? AND head_revision = ?",
+            (row.head_revision, row.state, row.session_id, expected_revision),
+        )
+        if self._changed():
+            return True
+        if expected_revision != 0:
+            return False
+        # No head yet counts as revision 0.
+        conn.execute(
+            "INSERT INTO session_heads (session_id, head_revision, state) VALUES (?, ?, ?)"
+            " ON CONFLICT (session_id) DO NOTHING",
+            (row.session_id, row.head_revision, row.state),
+        )
+        return self._changed()
+
+    def heads(self) -> list[HeadRow]:
+        sql = "SELECT session_id, head_revision, state FROM session_heads ORDER BY rowid"
+        return [
+            HeadRow(session_id=r[0], head_revision=r[1], state=r[2])
+            for r in self._conn.execute(sql)
+        ]
+
+    # --- graph ---
+
+    def nodes(self, session_id: str) -> list[tuple[str, str, bool]]:
+        sql = (
+            "SELECT node_id, node_json, tombstoned FROM graph_nodes"
+            " WHERE session_id = ? ORDER BY seq"
+        )
+        return [(r[0], r[1], bool(r[2])) for r in self._conn.execute(sql, (session_id,))]
+
+    def node(self, session_id: str, node_id: str) -> tuple[str, bool] | None:
+        sql = "SELECT node_json, tombstoned FROM graph_nodes WHERE session_id = ? AND node_id = ?"
+        found = self._conn.execute(sql, (session_id, node_id)).fetchone()
+        return None if found is None else (found[0], bool(found[1]))
+
+    def add_nodes(self, session_id: str, nodes: Sequence[tuple[str, str]]) -> None:
+        # REPLACE deletes a node with the same id and inserts at the end (a new, highest seq),
+        # as the memory table's overwrite does.
+        self._conn.executemany(
+            "INSERT OR REPLACE INTO graph_nodes (session_id, node_id, node_json, tombstoned)"
+            " VALUES (?, ?, ?, 0)",
+            [(session_id, node_id, text) for node_id, text in nodes],
+        )
+
+    def clear_nodes(self, session_id: str) -> None:
+        self._conn.execute("DELETE FROM graph_nodes WHERE session_id = ?", (session_id,))
+
+    def tombstone(self, session_id: str, node_ids: Sequence[str]) -> int:
+        count = 0
+        for node_id in node_ids:
+            self._conn.execute(
+                "UPDATE graph_nodes SET tombstoned = 1"
+                " WHERE session_id = ? AND node_id = ? AND tombstoned = 0",
+                (session_id, node_id),
+            )
+            count += self._conn.changes()
+        return count
+
+    def vacuum(self) -> int:
+        self._conn.execute("DELETE FROM graph_nodes WHERE tombstoned = 1")
+        return int(self._conn.changes())
+
+    # --- usage and turn stamps ---
+
+    def add_usage(self, session_id: str, entries: Sequence[str]) -> None:
+        self._conn.executemany(
+            "INSERT INTO usage_entries (session_id, entry) VALUES (?, ?)",
+            [(session_id, text) for text in entries],
+        )
+
+    def usage(self, session_id: str) -> list[str]:
+        sql = "SELECT entry FROM usage_entries WHERE session_id = ? ORDER BY seq"
+        return [r[0] for r in self._conn.execute(sql, (session_id,))]
+
+    def stamp(self, session_id: str, turn_id: str) -> TurnStampRow | None:
+        sql = (
+            "SELECT turn_commit_hash, head_revision, checkpoint_ref FROM turn_stamps"
+            " WHERE session_id = ? AND turn_id = ?"
+        )
+        found = self._conn.execute(sql, (session_id, turn_id)).fetchone()
+        if found is None:
+            return None
+        return TurnStampRow(
+            session_id=session_id,
+            turn_id=turn_id,
+            turn_commit_hash=found[0],
+            head_revision=found[1],
+            checkpoint_ref=found[2],
+        )
+
+    def put_stamp(self, row: TurnStampRow) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO turn_stamps"
+            " (session_id, turn_id, turn_commit_hash, head_revision, checkpoint_ref)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (
+                row.session_id,
+                row.turn_id,
+                row.turn_commit_hash,
+                row.head_revision,
+                row.checkpoint_ref,
+            ),
+        )
+
+    # --- leases ---
+
+    def lease(self, session_id: str) -> LeaseRow | None:
+        sql = f"SELECT {_LEASE_COLUMNS} FROM session_leases WHERE session_id = ?"
+        found = self._conn.execute(sql, (session_id,)).fetchone()
+        if found is None:
+            return None
+        return LeaseRow(
+            session_id=found[0],
+            owner_id=found[1],
+            lease_token=found[2],
+            fencing_token=found[3],
+            claimed_at_ms=found[4],
+            expires_at_ms=found[5],
+        )
+
+    def put_lease(self, row: LeaseRow) -> None:
+        # One row per session forever: its fencing token only grows.
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO session_leases ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                row.session_id,
+                row.owner_id,
+                row.lease_token,
+                row.fencing_token,
+                row.claimed_at_ms,
+                row.expires_at_ms,
+            ),
+        )
+
+    # --- queued work ---
+
+    def batches(self, session_id: str) -> list[QueuedBatchRow]:
+        sql = f"{_BATCH_SELECT} WHERE session_id = ? ORDER BY enqueue_seq"
+        return [_batch_row(r) for r in self._conn.execute(sql, (session_id,))]
+
+    def batch(self, batch_id: str) -> QueuedBatchRow | None:
+        found = self._conn.execute(f"{_BATCH_SELECT} WHERE batch_id = ?", (batch_id,)).fetchone()
+        return None if found is None else _batch_row(found)
+
+    def batch_by_source(self, session_id: str, source_key: str) -> QueuedBatchRow | None:
+        sql = f"{_BATCH_SELECT} WHERE session_id = ? AND source_key = ?"
+        found = self._conn.execute(sql, (session_id, source_key)).fetchone()
+        return None if found is None else _batch_row(found)
+
+    def next_enqueue_seq(self) -> int:
+        # A counter row, not max()+1: a deleted last batch never gives its number away again,
+        # in this process or any other, before or after a reopen.
+        found = self._conn.execute(
+            "UPDATE tb_meta SET value = value + 1 WHERE key = 'enqueue_seq' RETURNING value"
+        ).fetchall()
+        value = found[0][0] if len(found) == 1 else None
+        if not isinstance(value, int):
+            raise CorruptRecordError("tb_meta", "enqueue_seq", "the enqueue counter is missing")
+        return value
+
+    def insert_batch(self, row: QueuedBatchRow) -> None:
+        self._conn.execute(_BATCH_INSERT, _batch_values(row, _BATCH_FIELDS))
+
+    def update_batch(self, row: QueuedBatchRow, claim_token: str | None) -> bool:
+        self._conn.execute(
+            _BATCH_UPDATE, (*_batch_values(row, _BATCH_SET), row.batch_id, claim_token)
+        )
+        return self._changed()
+
+    def delete_batch(self, batch_id: str) -> bool:
+        self._conn.execute("DELETE FROM queued_work WHERE batch_id = ?", (batch_id,))
+        return self._changed()
+
+    # --- meta, attachments, blobs ---
+
+    def meta(self, session_id: str) -> str | None:
+        sql = "SELECT meta FROM session_meta WHERE session_id = ?"
+        found = self._conn.execute(sql, (session_id,)).fetchone()
+        return None if found is None else str(found[0])
+
+    def put_meta(self, session_id: str, meta: str) -> None:
+        self._conn.execute(
+            "INSERT INTO session_meta (session_id, meta) VALUES (?, ?)"
+            " ON CONFLICT (session_id) DO UPDATE SET meta = excluded.meta",
+            (session_id, meta),
+        )
+
+    def put_intent(self, entry: AttachmentEntry) -> None:
+        self._conn.execute(
+            "INSERT INTO attachments"
+            " (attachment_id, session_id, canonical_uri, intent_at_ms, committed_at_ms)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (attachment_id) DO NOTHING",
+            (
+                entry.attachment_id,
+                entry.session_id,
+                entry.canonical_uri,
+                entry.intent_at_ms,
+                entry.committed_at_ms,
+            ),
+        )
+
+    def commit_attachments(self, session_id: str, ids: Sequence[str], now_ms: int) -> None:
+        # Only the session's own attachments; the first commit's time stays.
+        self._conn.executemany(
+            "UPDATE attachments SET committed_at_ms = ?"
+            " WHERE attachment_id = ? AND session_id = ? AND committed_at_ms IS NULL",
+            [(now_ms, attachment_id, session_id) for attachment_id in ids],
+        )
+
+    def uncommitted(self, older_than_ms: int) -> list[AttachmentEntry]:
+        sql = (
+            f"{_ATTACHMENT_SELECT} WHERE committed_at_ms IS NULL AND intent_at_ms < ?"
+            " ORDER BY intent_at_ms, attachment_id"
+        )
+        return [_attachment(r) for r in self._conn.execute(sql, (older_than_ms,))]
+
+    def forget(self, attachment_id: str) -> bool:
+        self._conn.execute("DELETE FROM attachments WHERE attachment_id = ?", (attachment_id,))
+        return self._changed()
+
+    def put_blob(self, ref: str, content: bytes) -> None:
+        self._conn.execute(
+            "INSERT INTO blobs (ref, content) VALUES (?, ?) ON CONFLICT (ref) DO NOTHING",
+            (ref, content),
+        )
+
+    def blob(self, ref: str) -> bytes | None:
+        found = self._conn.execute("SELECT content FROM blobs WHERE ref = ?", (ref,)).fetchone()
+        return None if found is None else bytes(found[0])
+
+    def blob_refs(self) -> list[str]:
+        # BINARY collation compares UTF-8 bytes: the same order as sorted() on str.
+        return [r[0] for r in self._conn.execute("SELECT ref FROM blobs ORDER BY ref")]
+
+    def delete_blob(self, ref: str) -> None:
+        self._conn.execute("DELETE FROM blobs WHERE ref = ?", (ref,))
+
+
+class SqliteTables(SqliteTaskTable, SqliteSessionTable):
+    """Every table of one connection: what the runner hands each operation."""
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        SqliteTaskTable.__init__(self, conn)
+        SqliteSessionTable.__init__(self, conn)
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 
@@ -298,7 +733,15 @@ def _check_or_create_schema(conn: apsw.Connection, path: str) -> None:
     elif app_id != APPLICATION_ID:
         raise ForeignDatabaseError(path, app_id, version)
     elif version != SCHEMA_VERSION:
-        raise UnsupportedSchemaVersion(expected=SCHEMA_VERSION, found=version, path=path)
+        if not (version in _MIGRATIONS and version < SCHEMA_VERSION):
+            raise UnsupportedSchemaVersion(expected=SCHEMA_VERSION, found=version, path=path)
+        # An older file is upgraded in place, in this same transaction (user_version is in the
+        # header and transactional): every opener sees the old schema or the whole new one.
+        while version < SCHEMA_VERSION:
+            for statement in _MIGRATIONS[version]:
+                conn.execute(statement)
+            version += 1
+            conn.execute(f"PRAGMA user_version = {version}")
 
 
 def _rollback(conn: apsw.Connection) -> None:
@@ -431,7 +874,7 @@ class SqliteRunner:
             opened.reply.fail(map_error(exc, self.path, self._busy_s))
             self._shut(None)
             return
-        table = SqliteTaskTable(conn)
+        table = SqliteTables(conn)
         opened.reply.send(None)
         try:
             stop = False
@@ -471,7 +914,7 @@ class SqliteRunner:
         if self._stopped is not None:
             self._stopped.reply.send(None)
 
-    def _serve(self, conn: apsw.Connection, table: SqliteTaskTable, batch: list[_Request]) -> None:
+    def _serve(self, conn: apsw.Connection, table: SqliteTables, batch: list[_Request]) -> None:
         try:
             outcomes = self._transaction(conn, table, batch)
         except _BeginFailed as failed:
@@ -494,7 +937,7 @@ class SqliteRunner:
                 request.reply.fail(value)
 
     def _transaction(
-        self, conn: apsw.Connection, table: SqliteTaskTable, batch: list[_Request]
+        self, conn: apsw.Connection, table: SqliteTables, batch: list[_Request]
     ) -> list[tuple[bool, Any]]:
         writes = any(request.writes for request in batch)
         try:

@@ -39,6 +39,8 @@ __all__ = [
     "LeaseRow",
     "SessionLease",
     "check_fence",
+    "check_fence_argument",
+    "check_ttl",
     "claim_lease",
     "free_lease_row",
     "is_live",
@@ -124,11 +126,16 @@ def is_live(row: LeaseRow, now_ms: int) -> bool:
     return row.lease_token is not None and now_ms < row.expires_at_ms
 
 
-def _check_ttl(ttl_ms: object, now_ms: int) -> int:
+def check_ttl(ttl_ms: object) -> int:
+    """Validate a lease or claim ttl.
+
+    Raises:
+        InvalidArgument: not an int from 0 to :data:`MAX_TTL_MS`.
+    """
     ttl = check_int64("ttl_ms", ttl_ms)
     if ttl > MAX_TTL_MS:
         raise InvalidArgument(f"ttl_ms must be at most {MAX_TTL_MS} (30 days), got {ttl}")
-    return now_ms + ttl
+    return ttl
 
 
 def check_fence_argument(fence: object) -> LeaseFence:
@@ -156,7 +163,7 @@ def claim_lease(
     check_text("owner_id", owner_id)
     if not owner_id:
         raise InvalidArgument("owner_id must not be empty")
-    expires = _check_ttl(ttl_ms, now_ms)
+    expires = now_ms + check_ttl(ttl_ms)
     if is_live(row, now_ms):
         if row.owner_id != owner_id:
             return None
@@ -204,7 +211,7 @@ def renew_lease(
         SessionExecutionLeaseExpired: ``fence`` is not the live lease.
         InvalidArgument: a ttl out of range.
     """
-    expires = _check_ttl(ttl_ms, now_ms)
+    expires = now_ms + check_ttl(ttl_ms)
     check_fence(row, fence, now_ms=now_ms)
     row = attrs.evolve(row, expires_at_ms=max(row.expires_at_ms, expires))
     return row, row.lease()

@@ -34,15 +34,15 @@ claim, or the whole commit is refused.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
-from typing import ClassVar, Final
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Final
 
 import attrs
 
 from turnbuckle.errors import InvalidArgument, QueuedWorkClaimExpired, QueuedWorkSourceKeyConflict
 from turnbuckle.sansio.codec import JSON, check_int64, check_text, decode_json, encode_json
 from turnbuckle.sansio.ids import IdSource, random_hex
-from turnbuckle.sansio.lease import MAX_TTL_MS
+from turnbuckle.sansio.lease import check_ttl
 
 __all__ = [
     "MAX_CLAIM_BATCHES",
@@ -137,6 +137,10 @@ MergeKey.NEVER = MergeKey("never")
 MergeKey.PAYLOAD_DEFAULT = MergeKey("payload_default")
 
 
+def _tuple(items: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(items)
+
+
 @attrs.frozen(kw_only=True)
 class QueuedWorkDraft:
     """What a caller enqueues: one batch of payloads (plain JSON values) for one session."""
@@ -144,7 +148,7 @@ class QueuedWorkDraft:
     session_id: str
     delivery: DeliveryPolicy
     slot: SlotPolicy
-    payloads: tuple[JSON, ...] = attrs.field(converter=tuple)
+    payloads: tuple[JSON, ...] = attrs.field(converter=_tuple)
     source_key: str | None = None
     merge_key: MergeKey = MergeKey.NEVER
     available_at_ms: int = 0
@@ -400,9 +404,7 @@ def claim_rows(
     check_text("owner_id", owner_id)
     if not owner_id:
         raise InvalidArgument("owner_id must not be empty")
-    ttl = check_int64("ttl_ms", ttl_ms)
-    if ttl > MAX_TTL_MS:
-        raise InvalidArgument(f"ttl_ms must be at most {MAX_TTL_MS} (30 days), got {ttl}")
+    ttl = check_ttl(ttl_ms)
     assert selected, "claim_rows needs at least one batch"
     head = selected[0]
     fencing = head.claim_fencing_token + 1
@@ -463,9 +465,7 @@ def renew_rows(
         QueuedWorkClaimExpired: the claim expired or lost a batch.
         InvalidArgument: a ttl out of range.
     """
-    ttl = check_int64("ttl_ms", ttl_ms)
-    if ttl > MAX_TTL_MS:
-        raise InvalidArgument(f"ttl_ms must be at most {MAX_TTL_MS} (30 days), got {ttl}")
+    ttl = check_ttl(ttl_ms)
     check_completion(rows, claim.completion())
     if not all(row is not None and is_claimed(row, now_ms) for row in rows):
         raise QueuedWorkClaimExpired(claim.session_id, claim.claim_id)

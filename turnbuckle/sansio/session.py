@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final, TypeAlias
 
 import attrs
@@ -45,6 +45,7 @@ import attrs
 from turnbuckle.errors import (
     HeadRevisionConflict,
     InvalidArgument,
+    PayloadTooLarge,
     RuntimeTurnCommitConflict,
     SessionBindingMismatch,
     SessionExecutionLeaseExpired,
@@ -78,6 +79,12 @@ __all__ = [
     "turn_commit_hash",
 ]
 
+
+def _tuple(items: Iterable[Any]) -> tuple[Any, ...]:
+    """Sequence fields take any iterable and are stored as a tuple (frozen all the way)."""
+    return tuple(items)
+
+
 # --- the graph -------------------------------------------------------------------------------
 
 
@@ -104,7 +111,7 @@ class GraphUnchanged:
 class GraphAppend:
     """The commit appends ``nodes`` (in order) and may move the leaf."""
 
-    nodes: tuple[SessionNode, ...] = attrs.field(converter=tuple)
+    nodes: tuple[SessionNode, ...] = attrs.field(converter=_tuple)
     leaf: str | None = None
 
 
@@ -112,7 +119,7 @@ class GraphAppend:
 class GraphReplace:
     """The commit replaces the whole graph."""
 
-    nodes: tuple[SessionNode, ...] = attrs.field(converter=tuple)
+    nodes: tuple[SessionNode, ...] = attrs.field(converter=_tuple)
     leaf: str | None = None
 
 
@@ -248,14 +255,14 @@ class RuntimeCommit:
     #: Release this lease in the same transaction.
     release: LeaseFence | None = None
     config: JSON = None
-    agent_frames: tuple[AgentFrame, ...] = attrs.field(default=(), converter=tuple)
+    agent_frames: tuple[AgentFrame, ...] = attrs.field(default=(), converter=_tuple)
     current_agent_frame_id: str | None = None
     graph: GraphDelta = GraphUnchanged()
     checkpoint: Checkpoint = Checkpoint()
-    usage: tuple[UsageEntry, ...] = attrs.field(default=(), converter=tuple)
+    usage: tuple[UsageEntry, ...] = attrs.field(default=(), converter=_tuple)
     turn_commit: TurnCommitStamp | None = None
-    completed_claims: tuple[QueuedWorkCompletion, ...] = attrs.field(default=(), converter=tuple)
-    committed_attachment_ids: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    completed_claims: tuple[QueuedWorkCompletion, ...] = attrs.field(default=(), converter=_tuple)
+    committed_attachment_ids: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
 
 
 @attrs.frozen(kw_only=True)
@@ -373,8 +380,26 @@ def turn_commit_hash(commit: RuntimeCommit) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _check_bytes(name: str, value: object, limit: int) -> None:
+    if value is None:
+        return
+    if type(value) is not bytes:
+        raise InvalidArgument(f"{name} must be bytes or None, got {type(value).__name__}")
+    if len(value) > limit:
+        raise PayloadTooLarge(len(value), limit)
+
+
+def _check_json(name: str, value: object, limit: int) -> None:
+    encode_json(value, limit=limit)
+
+
+def _check_optional_text(name: str, value: object, limit: int) -> None:
+    check_text(name, value, optional=True, limit=limit)
+
+
 def check_commit_shape(commit: object, limit: int) -> RuntimeCommit:
-    """Validate a commit's types and payloads before any store is touched.
+    """Validate every field of a commit before any store is touched: exact types, and each
+    payload (node payload, turn state, config, frame data, snapshot) within ``limit`` bytes.
 
     Raises:
         InvalidArgument: a field has the wrong type or range.
@@ -391,26 +416,61 @@ def check_commit_shape(commit: object, limit: int) -> RuntimeCommit:
         fence = getattr(commit, name)
         if fence is not None and not isinstance(fence, LeaseFence):
             raise InvalidArgument(f"{name} must be a LeaseFence or None, got {fence!r}")
-    if not isinstance(commit.graph, GraphUnchanged | GraphAppend | GraphReplace):
-        raise InvalidArgument(f"graph must be a GraphDelta, got {commit.graph!r}")
-    for node in getattr(commit.graph, "nodes", ()):
+    _check_json("config", commit.config, limit)
+    _check_optional_text("current_agent_frame_id", commit.current_agent_frame_id, limit)
+    for frame in commit.agent_frames:
+        if not isinstance(frame, AgentFrame):
+            raise InvalidArgument(f"agent frames must be AgentFrame, got {frame!r}")
+        check_text("frame_id", frame.frame_id, limit=limit)
+        _check_optional_text("parent_frame_id", frame.parent_frame_id, limit)
+        check_text("reason", frame.reason, limit=limit)
+        _check_json("frame data", frame.data, limit)
+        _check_bytes("execution_snapshot", frame.execution_snapshot, limit)
+    graph = commit.graph
+    if not isinstance(graph, GraphUnchanged | GraphAppend | GraphReplace):
+        raise InvalidArgument(f"graph must be a GraphDelta, got {graph!r}")
+    _check_optional_text("leaf", graph.leaf, limit)
+    node_ids = [getattr(node, "node_id", None) for node in getattr(graph, "nodes", ())]
+    if len(set(node_ids)) != len(node_ids):
+        raise InvalidArgument("a graph delta names the same node id twice")
+    for node in getattr(graph, "nodes", ()):
         if not isinstance(node, SessionNode):
             raise InvalidArgument(f"graph nodes must be SessionNodes, got {node!r}")
         check_text("node_id", node.node_id, limit=limit)
-    if commit.turn_commit is not None:
-        if not isinstance(commit.turn_commit, TurnCommitStamp):
-            raise InvalidArgument(f"turn_commit must be a TurnCommitStamp, got {commit!r}")
-        if commit.turn_commit.session_id != commit.session_id:
+        for name in ("parent_node_id", "caused_by", "agent_frame_id"):
+            _check_optional_text(name, getattr(node, name), limit)
+        check_text("timestamp", node.timestamp, limit=limit)
+        _check_json("node payload", node.payload, limit)
+    checkpoint = commit.checkpoint
+    if not isinstance(checkpoint, Checkpoint):
+        raise InvalidArgument(f"checkpoint must be a Checkpoint, got {checkpoint!r}")
+    _check_json("turn_state", checkpoint.turn_state, limit)
+    for name in ("tool_state", "plugin_snapshot", "execution_state"):
+        _check_bytes(name, getattr(checkpoint, name), limit)
+    if checkpoint.plugin_snapshot_revision is not None:
+        check_int64("plugin_snapshot_revision", checkpoint.plugin_snapshot_revision)
+    for entry in commit.usage:
+        if not isinstance(entry, UsageEntry) or not isinstance(entry.usage, TokenUsage):
+            raise InvalidArgument(f"usage entries must be UsageEntry, got {entry!r}")
+        check_text("usage source", entry.source, limit=limit)
+        check_text("usage model", entry.model, limit=limit)
+        for field in attrs.fields(TokenUsage):
+            check_int64(field.name, getattr(entry.usage, field.name))
+    stamp = commit.turn_commit
+    if stamp is not None:
+        if not isinstance(stamp, TurnCommitStamp):
+            raise InvalidArgument(f"turn_commit must be a TurnCommitStamp, got {stamp!r}")
+        if stamp.session_id != commit.session_id:
             raise InvalidArgument("the turn-commit stamp names another session")
+        check_text("turn_id", stamp.turn_id, limit=limit)
+        check_text("turn_commit_hash", stamp.turn_commit_hash, limit=limit)
     for claim in commit.completed_claims:
         if not isinstance(claim, QueuedWorkCompletion) or claim.session_id != commit.session_id:
             raise InvalidArgument(f"completed claims must be this session's, got {claim!r}")
-    for entry in commit.usage:
-        if not isinstance(entry, UsageEntry):
-            raise InvalidArgument(f"usage entries must be UsageEntry, got {entry!r}")
-        for field in attrs.fields(TokenUsage):
-            check_int64(field.name, getattr(entry.usage, field.name))
-    encode_json(_commit_body(commit), limit=max(limit, 1) * 64)
+        for batch_id in claim.batch_ids:
+            check_text("batch_id", batch_id)
+    for attachment_id in commit.committed_attachment_ids:
+        check_text("attachment_id", attachment_id, limit=limit)
     return commit
 
 

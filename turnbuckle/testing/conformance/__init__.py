@@ -7,8 +7,20 @@ adapter it ships; a third-party adapter runs them the same way::
 
     async def test_my_store():
         await conformance.task_store(lambda **options: open_my_store(**options))
+        await conformance.runtime_persistence(lambda **options: open_my_store(**options))
 """
 
+from turnbuckle.testing.conformance.sessions import (
+    SESSION_REOPEN_SCENARIOS as SESSION_REOPEN_SCENARIOS,
+)
+from turnbuckle.testing.conformance.sessions import SESSION_SCENARIOS as SESSION_SCENARIOS
+from turnbuckle.testing.conformance.sessions import (
+    queued_turn_input_draft as queued_turn_input_draft,
+)
+from turnbuckle.testing.conformance.sessions import runtime_persistence as runtime_persistence
+from turnbuckle.testing.conformance.sessions import (
+    runtime_persistence_reopenable as runtime_persistence_reopenable,
+)
 from turnbuckle.testing.conformance.tasks import REOPEN_SCENARIOS as REOPEN_SCENARIOS
 from turnbuckle.testing.conformance.tasks import TASK_STORE_SCENARIOS as TASK_STORE_SCENARIOS
 from turnbuckle.testing.conformance.tasks import Corrupt as Corrupt
@@ -19,10 +31,15 @@ from turnbuckle.testing.conformance.tasks import task_store_reopen as task_store
 
 __all__ = [
     "REOPEN_SCENARIOS",
+    "SESSION_REOPEN_SCENARIOS",
+    "SESSION_SCENARIOS",
     "TASK_STORE_SCENARIOS",
     "Corrupt",
     "StoreFactory",
     "corrupt_rows",
+    "queued_turn_input_draft",
+    "runtime_persistence",
+    "runtime_persistence_reopenable",
     "task_store",
     "task_store_reopen",
 ]
