@@ -249,7 +249,8 @@ def run_all(folder: str) -> None:
             if w == workload and label.startswith("raw")
         }
         print()
-        print(f"{workload + 's/s':<32}{'median':>10}{'vs raw':>9}")
+        title = {"turn": "turns/s", "delivery": "deliveries/s"}[workload]
+        print(f"{title:<32}{'median':>10}{'vs raw':>9}")
         print("-" * 51)
         for w, label, synchronous, _, _ in configs:
             if w != workload:
