@@ -8,6 +8,8 @@
 ...         await store.tasks.complete_task(task.task_id, turnbuckle.TaskSuccess({"ok": True}))
 """
 
+from turnbuckle.actors.runtime import Runtime as Runtime
+from turnbuckle.actors.runtime import open_runtime as open_runtime
 from turnbuckle.adapters.store import Store as Store
 from turnbuckle.adapters.store import open_store as open_store
 from turnbuckle.errors import *  # noqa: F403
@@ -44,6 +46,14 @@ from turnbuckle.sansio.task import TaskRecord as TaskRecord
 from turnbuckle.sansio.task import TaskRpcError as TaskRpcError
 from turnbuckle.sansio.task import TaskStatus as TaskStatus
 from turnbuckle.sansio.task import TaskSuccess as TaskSuccess
+from turnbuckle.sansio.turn import Message as Message
+from turnbuckle.sansio.turn import ModelRequest as ModelRequest
+from turnbuckle.sansio.turn import ModelResponse as ModelResponse
+from turnbuckle.sansio.turn import StopReason as StopReason
+from turnbuckle.sansio.turn import ToolCall as ToolCall
+from turnbuckle.sansio.turn import ToolResult as ToolResult
+from turnbuckle.sansio.turn import TurnEvent as TurnEvent
+from turnbuckle.sansio.turn import TurnOutcome as TurnOutcome
 
 __version__ = "0.1.0"
 
@@ -60,16 +70,21 @@ __all__ = [
     "GraphReplace",
     "GraphUnchanged",
     "LeaseFence",
+    "Message",
+    "ModelRequest",
+    "ModelResponse",
     "MergeKey",
     "QueuedWorkBatch",
     "QueuedWorkClaim",
     "QueuedWorkDraft",
+    "Runtime",
     "RuntimeCommit",
     "SessionLease",
     "SessionMeta",
     "SessionNode",
     "SessionRead",
     "SlotPolicy",
+    "StopReason",
     "Store",
     "TaskOutcome",
     "TaskPage",
@@ -78,8 +93,13 @@ __all__ = [
     "TaskStatus",
     "TaskSuccess",
     "TokenUsage",
+    "ToolCall",
+    "ToolResult",
+    "TurnEvent",
+    "TurnOutcome",
     "TurnCommitStamp",
     "UsageEntry",
+    "open_runtime",
     "open_store",
     "turn_commit_hash",
     *_error_names,

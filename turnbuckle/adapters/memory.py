@@ -266,6 +266,9 @@ class MemorySessionTable(_UndoLog):
     def batch(self, batch_id: str) -> QueuedBatchRow | None:
         return self._batches.get(batch_id)
 
+    def sessions_with_work(self) -> list[str]:
+        return sorted({r.session_id for r in self._batches.values()})
+
     def batch_by_source(self, session_id: str, source_key: str) -> QueuedBatchRow | None:
         batch_id = self._sources.get((session_id, source_key))
         return None if batch_id is None else self._batches.get(batch_id)

@@ -139,6 +139,10 @@ class SessionTable(Protocol):
         ...
 
     def batch(self, batch_id: str) -> QueuedBatchRow | None: ...
+    def sessions_with_work(self) -> list[str]:
+        """Every session id that has queued batches, sorted."""
+        ...
+
     def batch_by_source(self, session_id: str, source_key: str) -> QueuedBatchRow | None: ...
     def next_enqueue_seq(self) -> int: ...
     def insert_batch(self, row: QueuedBatchRow) -> None: ...
@@ -447,6 +451,23 @@ class SessionFacet:
             lambda table: [_batch(r) for r in table.batches(session_id) if not is_claimed(r, now)],
             writes=False,
         )
+
+    async def list_sessions_with_queued_work(self) -> list[str]:
+        """Sessions with work a runtime could take now (pending and available, or claimed by a
+        claim that expired): what a runtime resumes after a restart."""
+        now = self._clock.now_ms()
+
+        def op(table: SessionTable) -> list[str]:
+            return [
+                session_id
+                for session_id in table.sessions_with_work()
+                if any(
+                    not is_claimed(r, now) and r.available_at_ms <= now
+                    for r in table.batches(session_id)
+                )
+            ]
+
+        return await self._run(op, writes=False)
 
     # --- metadata and attachments ---
 

@@ -532,6 +532,10 @@ class SqliteSessionTable:
 
     # --- queued work ---
 
+    def sessions_with_work(self) -> list[str]:
+        sql = "SELECT DISTINCT session_id FROM queued_work ORDER BY session_id"
+        return [str(r[0]) for r in self._conn.execute(sql)]
+
     def batches(self, session_id: str) -> list[QueuedBatchRow]:
         sql = f"{_BATCH_SELECT} WHERE session_id = ? ORDER BY enqueue_seq"
         return [_batch_row(r) for r in self._conn.execute(sql, (session_id,))]
