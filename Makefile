@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/agents.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check turnbuckle tests bench examples
@@ -33,4 +34,4 @@ soak: $(STAMP)
 	TURNBUCKLE_SOAK=1 $(BIN)/python -m pytest -q tests/reliability
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-tasks.db*
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-tasks.db* demo-agents.db*

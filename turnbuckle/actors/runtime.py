@@ -350,8 +350,7 @@ class _SessionActor:
             self.exited.set()
 
     async def _has_work(self) -> bool:
-        pending = await self.runtime.store.sessions.list_pending_queued_work(self.session_id)
-        return bool(pending)
+        return await self.runtime.store.sessions.has_queued_work(self.session_id)
 
     async def _hold(self, lease: SessionLease) -> None:
         """Serve the session under one lease grant, renewing it; release it however this
@@ -395,7 +394,12 @@ class _SessionActor:
                 _CLAIM_MAX,
             )
             if claim is None:
-                return
+                if not await self._has_work():
+                    return
+                # Work is there but claimed: by a runtime that died (we hold the session's
+                # lease, so nobody live does). Its claim expires within a lease ttl.
+                await anyio.sleep(max(runtime._ttl / 3000, 0.05))
+                continue
             await self._turn(lease, claim)
 
     async def _turn(self, lease: SessionLease, first: QueuedWorkClaim) -> None:
@@ -466,7 +470,11 @@ class _SessionActor:
         try:
             response = await self.runtime._model(effect.request)
         except Exception as exc:
-            return ModelFailed(effect_id=effect.effect_id, message=f"{type(exc).__name__}: {exc}")
+            return ModelFailed(
+                effect_id=effect.effect_id,
+                message=f"{type(exc).__name__}: {exc}",
+                retryable=bool(getattr(exc, "retryable", False)),
+            )
         if not isinstance(response, ModelResponse):
             return ModelFailed(
                 effect_id=effect.effect_id, message=f"the model returned {type(response).__name__}"

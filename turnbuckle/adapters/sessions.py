@@ -453,21 +453,27 @@ class SessionFacet:
         )
 
     async def list_sessions_with_queued_work(self) -> list[str]:
-        """Sessions with work a runtime could take now (pending and available, or claimed by a
-        claim that expired): what a runtime resumes after a restart."""
+        """Sessions with queued work that is available now, claimed or not (a claim may belong
+        to a runtime that died): what a runtime should look after when it starts."""
         now = self._clock.now_ms()
 
         def op(table: SessionTable) -> list[str]:
             return [
                 session_id
                 for session_id in table.sessions_with_work()
-                if any(
-                    not is_claimed(r, now) and r.available_at_ms <= now
-                    for r in table.batches(session_id)
-                )
+                if any(r.available_at_ms <= now for r in table.batches(session_id))
             ]
 
         return await self._run(op, writes=False)
+
+    async def has_queued_work(self, session_id: str) -> bool:
+        """True if the session has queued work available now, claimed or not."""
+        _check_session(session_id, self._limit)
+        now = self._clock.now_ms()
+        return await self._run(
+            lambda table: any(r.available_at_ms <= now for r in table.batches(session_id)),
+            writes=False,
+        )
 
     # --- metadata and attachments ---
 
