@@ -29,6 +29,7 @@ test: lint typecheck
 bench: $(STAMP)
 	$(BIN)/python bench/tasks.py
 	$(BIN)/python bench/sessions.py
+	$(BIN)/python bench/runtime.py
 
 soak: $(STAMP)
 	TURNBUCKLE_SOAK=1 $(BIN)/python -m pytest -q tests/reliability

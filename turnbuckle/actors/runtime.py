@@ -43,7 +43,12 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from turnbuckle.adapters.store import Store
-from turnbuckle.errors import InvalidArgument, SessionExecutionLeaseExpired, TurnbuckleError
+from turnbuckle.errors import (
+    InvalidArgument,
+    QueuedWorkClaimExpired,
+    SessionExecutionLeaseExpired,
+    TurnbuckleError,
+)
 from turnbuckle.sansio.codec import JSON
 from turnbuckle.sansio.lease import SessionLease
 from turnbuckle.sansio.queue import (
@@ -315,6 +320,8 @@ class _SessionActor:
         self.exited = anyio.Event()
         #: Why the actor stopped early, if it did.
         self.error: Exception | None = None
+        #: The queue claims of the running turn.
+        self._claims: list[QueuedWorkClaim] = []
 
     def poke(self) -> None:
         self._poked.set()
@@ -335,7 +342,8 @@ class _SessionActor:
                     if not await self._has_work():
                         break
                     continue
-                await self._hold(lease)
+                if await self._hold(lease):
+                    continue  # lost the lease: the work went back; wait to take it again
                 # No await between this check and leaving the registry: a submit that
                 # arrives after it starts a new actor.
                 if not self._poked.is_set():
@@ -352,9 +360,9 @@ class _SessionActor:
     async def _has_work(self) -> bool:
         return await self.runtime.store.sessions.has_queued_work(self.session_id)
 
-    async def _hold(self, lease: SessionLease) -> None:
-        """Serve the session under one lease grant, renewing it; release it however this
-        ends, unless it was lost."""
+    async def _hold(self, lease: SessionLease) -> bool:
+        """Serve the session under one lease grant, renewing it and the running turn's queue
+        claims; release it however this ends, unless it was lost. True if it was lost."""
         sessions = self.runtime.store.sessions
         lost = False
         try:
@@ -368,7 +376,9 @@ class _SessionActor:
                         await anyio.sleep(max(ttl / 3000, 0.01))
                         try:
                             await sessions.renew_lease(lease.fence(), ttl)
-                        except SessionExecutionLeaseExpired:
+                            for claim in list(self._claims):
+                                await sessions.renew_queued_work_claim(claim, ttl)
+                        except (SessionExecutionLeaseExpired, QueuedWorkClaimExpired):
                             lost = True
                             work.cancel()  # the turn stops; its claims go back
                             return
@@ -381,10 +391,12 @@ class _SessionActor:
             if not lost:
                 with anyio.CancelScope(shield=True), contextlib.suppress(TurnbuckleError):
                     await sessions.release_lease(lease.fence())
+        return lost
 
     async def _serve(self, lease: SessionLease) -> None:
         runtime = self.runtime
         while True:
+            self._poked = anyio.Event()  # a submit from here on is seen below
             claim = await runtime.store.sessions.claim_queued_work(
                 self.session_id,
                 lease.fence(),
@@ -396,15 +408,16 @@ class _SessionActor:
             if claim is None:
                 if not await self._has_work():
                     return
-                # Work is there but claimed: by a runtime that died (we hold the session's
-                # lease, so nobody live does). Its claim expires within a lease ttl.
-                await anyio.sleep(max(runtime._ttl / 3000, 0.05))
+                # Work is there but not claimable: new work arrived just now (we are poked),
+                # or a runtime that died holds a claim on it, which expires within a ttl.
+                with anyio.move_on_after(max(runtime._ttl / 3000, 0.05)):
+                    await self._poked.wait()
                 continue
             await self._turn(lease, claim)
 
     async def _turn(self, lease: SessionLease, first: QueuedWorkClaim) -> None:
         runtime, sessions = self.runtime, self.runtime.store.sessions
-        claims = [first]
+        claims = self._claims = [first]  # shared with the keeper, which renews them
         try:
             handle = sessions.bind(self.session_id)
             read = await handle.load(ActivePath())
@@ -429,6 +442,9 @@ class _SessionActor:
                 elif isinstance(effect, RunTools):
                     machine.handle_response(await self._run_tools(effect))
                 elif isinstance(effect, Done):
+                    # The commit completes the claims: the keeper must stop renewing them
+                    # before they are deleted (on failure they are abandoned below).
+                    self._claims = []
                     await self._commit(
                         handle,
                         lease,
@@ -465,6 +481,8 @@ class _SessionActor:
             if isinstance(exc, Exception):
                 runtime._resolve(claims, None, exc)
             raise
+        finally:
+            self._claims = []
 
     async def _call_model(self, effect: CallModel) -> ModelReplied | ModelFailed:
         try:
