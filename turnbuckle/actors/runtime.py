@@ -344,10 +344,16 @@ class _SessionActor:
                     continue
                 if await self._hold(lease):
                     continue  # lost the lease: the work went back; wait to take it again
+                later = await sessions.next_queued_work_in_ms(self.session_id)
                 # No await between this check and leaving the registry: a submit that
                 # arrives after it starts a new actor.
-                if not self._poked.is_set():
+                if self._poked.is_set():
+                    continue
+                if later is None:
                     break
+                # Work that is not available yet: come back when it is (or when poked).
+                with anyio.move_on_after(later / 1000):
+                    await self._poked.wait()
         except Exception as exc:
             # One session's failure (a store error, a bug) never takes the runtime down: its
             # work went back to the queue, and the next submit or resume starts a new actor.

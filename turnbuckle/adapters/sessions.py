@@ -466,6 +466,22 @@ class SessionFacet:
 
         return await self._run(op, writes=False)
 
+    async def next_queued_work_in_ms(self, session_id: str) -> int | None:
+        """Milliseconds until the session's earliest not-yet-available batch becomes available
+        (None if it has none)."""
+        _check_session(session_id, self._limit)
+        now = self._clock.now_ms()
+
+        def op(table: SessionTable) -> int | None:
+            later = [
+                r.available_at_ms - now
+                for r in table.batches(session_id)
+                if r.available_at_ms > now
+            ]
+            return min(later) if later else None
+
+        return await self._run(op, writes=False)
+
     async def has_queued_work(self, session_id: str) -> bool:
         """True if the session has queued work available now, claimed or not."""
         _check_session(session_id, self._limit)
