@@ -16,11 +16,17 @@ from typing import Any, ClassVar
 __all__ = [
     "ConcurrentModification",
     "CorruptRecordError",
+    "ExecutionError",
+    "ExecutionNotFound",
+    "ExecutionTerminal",
     "ForeignDatabaseError",
+    "ForeignHandle",
     "HeadRevisionConflict",
     "InvalidArgument",
     "InvalidCursor",
     "InvalidTransition",
+    "LeaseConflict",
+    "LeaseExpired",
     "MaxTasksReached",
     "NotADatabaseError",
     "PayloadNotSerializable",
@@ -258,6 +264,47 @@ class UnsupportedReadScope(SessionError, InvalidArgument):
     _fields = ("scope",)
     _template = "unsupported read scope {scope!r}: use FullGraph() or ActivePath(leaf)"
     scope: object
+
+
+# --- executions ------------------------------------------------------------------------------
+
+
+class ExecutionError(TurnbuckleError):
+    """Base of the errors about an execution and its lease."""
+
+
+class ExecutionNotFound(ExecutionError, LookupError):
+    _fields = ("execution_id",)
+    _template = "execution {execution_id!r} not found"
+
+
+class LeaseConflict(ExecutionError):
+    """The handle's lease epoch is not the execution's current one: another claim or reclaim
+    owns the execution now. Nothing was written."""
+
+    _fields = ("execution_id", "presented", "current")
+    _template = "execution {execution_id!r}: lease epoch {presented} is stale (now {current})"
+
+
+class LeaseExpired(ExecutionError):
+    """The handle's lease ran out; renew earlier, or expect a reclaim. Nothing was written."""
+
+    _fields = ("execution_id",)
+    _template = "execution {execution_id!r}: the lease expired"
+
+
+class ExecutionTerminal(ExecutionError):
+    """The execution already ended (completed, failed or cancelled). Nothing was written."""
+
+    _fields = ("execution_id", "outcome")
+    _template = "execution {execution_id!r} already ended: {outcome}"
+
+
+class ForeignHandle(ExecutionError, InvalidArgument):
+    """A handle issued by another store (or another kind of store) was presented."""
+
+    _fields = ("backend", "store_id")
+    _template = "this handle was issued by another store ({backend} store {store_id!r})"
 
 
 # --- the store -------------------------------------------------------------------------------

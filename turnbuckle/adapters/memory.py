@@ -12,13 +12,16 @@ processes, and its contents end with it.
 from __future__ import annotations
 
 import bisect
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio.lowlevel
 import attrs
 
+from turnbuckle.adapters.executions import ExecutionEvent, Frame
 from turnbuckle.errors import StoreClosedError, StoreInternalError, TurnbuckleError
+from turnbuckle.sansio.execution import ExecutionRow
 from turnbuckle.sansio.lease import LeaseRow
 from turnbuckle.sansio.queue import QueuedBatchRow
 from turnbuckle.sansio.session import AttachmentEntry, HeadRow, TurnStampRow
@@ -347,12 +350,100 @@ class MemorySessionTable(_UndoLog):
         self._pop(self._blobs, ref)
 
 
-class MemoryTables(MemoryTaskTable, MemorySessionTable):
+class MemoryExecutionTable(_UndoLog):
+    """Executions, their frames and their outbox events in dicts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._store_id = secrets.token_hex(8)
+        self._executions: dict[str, ExecutionRow] = {}
+        self._frames: dict[tuple[str, int], tuple[Frame, str]] = {}
+        self._events: dict[int, ExecutionEvent] = {}
+        self._next_event = 1
+        self._cancels: dict[str, bool] = {}
+
+    def store_id(self) -> str:
+        return self._store_id
+
+    def execution(self, execution_id: str) -> ExecutionRow | None:
+        return self._executions.get(execution_id)
+
+    def insert_execution(self, row: ExecutionRow) -> bool:
+        if row.execution_id in self._executions:
+            return False
+        self._set(self._executions, row.execution_id, row)
+        return True
+
+    def replace_execution(self, row: ExecutionRow, expected_version: int) -> bool:
+        old = self._executions.get(row.execution_id)
+        if old is None or old.version != expected_version:
+            return False
+        self._set(self._executions, row.execution_id, row)
+        return True
+
+    def runnable(self, lane: str, now_ms: int, limit: int) -> list[ExecutionRow]:
+        rows = [
+            r
+            for r in self._executions.values()
+            if r.lane == lane and r.phase == "runnable" and r.not_before_ms <= now_ms
+        ]
+        rows.sort(key=lambda r: (-r.priority, r.created_at_ms, r.execution_id))
+        return rows[:limit]
+
+    def add_frame(self, frame: Frame, text: str) -> None:
+        self._set(self._frames, (frame.execution_id, frame.seq), (frame, text))
+
+    def frames(self, execution_id: str, after_seq: int, limit: int) -> list[tuple[Frame, str]]:
+        found = sorted(
+            (seq, value)
+            for (eid, seq), value in self._frames.items()
+            if eid == execution_id and seq > after_seq
+        )
+        return [value for _, value in found[:limit]]
+
+    def add_event(
+        self,
+        stream: str,
+        execution_id: str,
+        kind: str,
+        attempt_index: int,
+        lease_epoch: int,
+        at_ms: int,
+    ) -> None:
+        event_id = self._next_event
+        self._next_event += 1
+        self._set(
+            self._events,
+            event_id,
+            ExecutionEvent(
+                event_id=event_id,
+                stream=stream,
+                execution_id=execution_id,
+                kind=kind,
+                attempt_index=attempt_index,
+                lease_epoch=lease_epoch,
+                at_ms=at_ms,
+            ),
+        )
+
+    def events(self, stream: str, after_id: int, limit: int) -> list[ExecutionEvent]:
+        found = [e for i, e in sorted(self._events.items()) if i > after_id and e.stream == stream]
+        return found[:limit]
+
+    def cancel_requested(self, execution_id: str) -> bool:
+        return self._cancels.get(execution_id, False)
+
+    def request_cancel(self, execution_id: str) -> None:
+        self._set(self._cancels, execution_id, True)
+
+
+class MemoryTables(MemoryTaskTable, MemorySessionTable, MemoryExecutionTable):
     """Every table of a memory store, sharing one undo log."""
 
     def __init__(self) -> None:
         MemoryTaskTable.__init__(self)
         MemorySessionTable.__init__(self)
+        MemoryExecutionTable.__init__(self)
 
 
 class MemoryRunner:

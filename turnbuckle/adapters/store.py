@@ -7,6 +7,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from turnbuckle.adapters.executions import ExecutionFacet
 from turnbuckle.adapters.memory import MemoryRunner, MemoryTables
 from turnbuckle.adapters.sessions import DurabilityTier, SessionFacet
 from turnbuckle.adapters.sqlite import Durability, SqliteRunner
@@ -39,6 +40,8 @@ class Store:
         tasks: durable MCP tasks (:class:`~turnbuckle.adapters.tasks.TaskFacet`).
         sessions: session heads, leases and queued work
             (:class:`~turnbuckle.adapters.sessions.SessionFacet`).
+        executions: leased work on lanes
+            (:class:`~turnbuckle.adapters.executions.ExecutionFacet`).
         backend_name: ``"in-memory"`` or ``"sqlite"``.
         url: the URL it was opened with.
     """
@@ -49,11 +52,13 @@ class Store:
         url: str,
         tasks: TaskFacet,
         sessions: SessionFacet,
+        executions: ExecutionFacet,
         closer: Callable[[], Awaitable[None]],
     ) -> None:
         self.url = url
         self.tasks = tasks
         self.sessions = sessions
+        self.executions = executions
         self.backend_name = tasks.backend_name
         self._closer = closer
 
@@ -137,6 +142,9 @@ async def open_store(
         ),
         sessions=SessionFacet(
             runner, clock=clock, ids=ids, max_payload_bytes=max_payload_bytes, durability_tier=tier
+        ),
+        executions=ExecutionFacet(
+            runner, backend_name=backend, clock=clock, ids=ids, max_payload_bytes=max_payload_bytes
         ),
         closer=runner.aclose,
     )
