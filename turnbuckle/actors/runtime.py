@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import anyio
@@ -263,6 +263,31 @@ class Runtime:
         for session_id in sessions:
             self._wake(session_id)
         return sessions
+
+    def worker(
+        self,
+        lane: str,
+        capabilities: Iterable[str],
+        handler: Callable[[Any], Awaitable[Any]],
+        *,
+        concurrency: int = 1,
+        lease_ttl_ms: int = 30_000,
+        poll_interval: float = 0.05,
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Run executions of ``lane`` on this runtime's store (see
+        :func:`turnbuckle.actors.worker.open_worker`)."""
+        from turnbuckle.actors.worker import open_worker
+
+        return open_worker(
+            self.store,
+            lane,
+            capabilities,
+            handler,
+            concurrency=concurrency,
+            lease_ttl_ms=lease_ttl_ms,
+            poll_interval=poll_interval,
+            worker_id=f"{self.owner_id}:{lane}",
+        )
 
     @property
     def active_sessions(self) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Protocol, TypeVar
 
 import attrs
 
+from turnbuckle.adapters.linked import sync_task
 from turnbuckle.adapters.tasks import Clock
 from turnbuckle.errors import (
     ConcurrentModification,
@@ -112,6 +113,11 @@ class ExecutionTable(Protocol):
     def runnable(self, lane: str, now_ms: int, limit: int) -> list[ExecutionRow]:
         """Runnable executions of the lane available at ``now_ms``, best first (priority
         descending, then oldest)."""
+        ...
+
+    def expired(self, lane: str, now_ms: int, limit: int) -> list[ExecutionRow]:
+        """Active executions of the lane whose lease expired at or before ``now_ms``, oldest
+        expiry first (their workers died: reclaimable)."""
         ...
 
     def add_frame(self, frame: Frame, text: str) -> None:
@@ -339,6 +345,49 @@ class ExecutionFacet:
 
         return await self._run(op, writes=True)
 
+    async def reclaim_expired(
+        self, lane: str, capabilities: Iterable[str], worker_id: str, lease_ttl_ms: int
+    ) -> Handle | None:
+        """Reclaim one execution of ``lane`` (that this worker can serve) whose worker's lease
+        expired; None if there is none.
+
+        Raises:
+            InvalidArgument: a bad argument.
+        """
+        check_text("lane", lane)
+        caps = set(tuple(capabilities) if not isinstance(capabilities, str) else capabilities)
+        select_for_claim([], list(caps), now_ms=0)
+        check_text("worker_id", worker_id, limit=self._limit)
+        now, backend = self._clock.now_ms(), self.backend_name
+
+        def op(table: ExecutionTable) -> Handle | None:
+            for row in table.expired(lane, now, _CLAIM_SCAN):
+                if not set(row.capabilities) <= caps:
+                    continue
+                got = reclaim_execution(
+                    row,
+                    worker_id,
+                    lease_ttl_ms,
+                    now_ms=now,
+                    store_id=table.store_id(),
+                    backend=backend,
+                )
+                if got is None:
+                    continue
+                self._write(table, row, got[0])
+                table.add_event(
+                    "lease",
+                    row.execution_id,
+                    "reclaimed",
+                    got[0].attempt_index,
+                    got[0].lease_epoch,
+                    now,
+                )
+                return got[1]
+            return None
+
+        return await self._run(op, writes=True)
+
     async def renew(self, handle: Handle) -> bool:
         """Extend the lease to now + its ttl. Returns True if cancellation was requested.
 
@@ -510,6 +559,8 @@ class ExecutionFacet:
     def _write(self, table: ExecutionTable, old: ExecutionRow, new: ExecutionRow) -> None:
         if not table.replace_execution(new, old.version):
             raise ConcurrentModification(old.execution_id)
+        # A task that runs on this execution follows it, in the same transaction.
+        sync_task(table, old, new, self._clock.now_ms())
 
     async def _fenced(
         self,

@@ -390,6 +390,15 @@ class MemoryExecutionTable(_UndoLog):
         rows.sort(key=lambda r: (-r.priority, r.created_at_ms, r.execution_id))
         return rows[:limit]
 
+    def expired(self, lane: str, now_ms: int, limit: int) -> list[ExecutionRow]:
+        rows = [
+            r
+            for r in self._executions.values()
+            if r.lane == lane and r.phase == "active" and (r.lease_expires_at_ms or 0) <= now_ms
+        ]
+        rows.sort(key=lambda r: (r.lease_expires_at_ms or 0, r.execution_id))
+        return rows[:limit]
+
     def add_frame(self, frame: Frame, text: str) -> None:
         self._set(self._frames, (frame.execution_id, frame.seq), (frame, text))
 

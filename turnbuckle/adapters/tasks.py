@@ -10,9 +10,12 @@ adapter only has to make its table and its transactions right.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
+import anyio
+
+from turnbuckle.adapters.linked import cancel_linked_execution, task_execution_id
 from turnbuckle.errors import (
     ConcurrentModification,
     CorruptRecordError,
@@ -21,7 +24,8 @@ from turnbuckle.errors import (
     TaskAlreadyExists,
     TaskNotFound,
 )
-from turnbuckle.sansio.codec import check_int64, check_text
+from turnbuckle.sansio.codec import JSON, check_int64, check_text
+from turnbuckle.sansio.execution import RetryPolicy, new_execution
 from turnbuckle.sansio.task import (
     IdSource,
     TaskOutcome,
@@ -306,9 +310,85 @@ class TaskFacet:
             TaskNotFound: no such task.
             TerminalState: the task already ended; MCP rejects cancelling it (-32602).
         """
-        return await self.update_task_status(
-            task_id, TaskStatus.CANCELLED, "Cancelled by client" if message is None else message
+        text = "Cancelled by client" if message is None else message
+        status = check_status_request(TaskStatus.CANCELLED, text, self._limit)
+        now_ms = self._clock.now_ms()
+
+        def op(table: TaskTable) -> TaskRecord:
+            record = self._change_op(
+                table, task_id, lambda row: apply_status(row, status, text, now_ms=now_ms)
+            )
+            if hasattr(table, "request_cancel"):  # stores that run executions
+                cancel_linked_execution(table, task_id, now_ms)
+            return record
+
+        _check_id(task_id)
+        return await self._run(op, writes=True)
+
+    async def create_running_task(
+        self,
+        record: TaskRecord,
+        lane: str,
+        *,
+        capabilities: Iterable[str] = (),
+        priority: int = 0,
+        payload: JSON = None,
+        retry: RetryPolicy | None = None,
+    ) -> TaskRecord:
+        """Create a task and the execution that runs it (id ``task:<task_id>``), in one
+        transaction. A worker on ``lane`` runs it; the task follows the execution (progress
+        messages, retries, result, failure) and cancelling the task cancels the run.
+
+        Raises:
+            as :meth:`create_task`, and InvalidArgument for a bad lane or execution option.
+        """
+        now_ms = self._clock.now_ms()
+        row = new_row(
+            record,
+            now_ms=now_ms,
+            ids=self._ids,
+            max_payload_bytes=self._limit,
+            previous_id=self._last_id,
         )
+        if not record.task_id:
+            self._last_id = row.task_id
+        execution = new_execution(
+            execution_id=task_execution_id(row.task_id),
+            lane=lane,
+            capabilities=capabilities,
+            priority=priority,
+            payload=payload,
+            retry=RetryPolicy() if retry is None else retry,
+            now_ms=now_ms,
+            limit=self._limit,
+        )
+        max_tasks = self._max_tasks
+
+        def op(table: Any) -> TaskRecord:
+            if max_tasks and table.count() >= max_tasks:
+                raise MaxTasksReached(max_tasks)
+            if not table.insert(row):
+                raise TaskAlreadyExists(row.task_id)
+            if not table.insert_execution(execution):
+                raise ConcurrentModification(execution.execution_id)
+            return row_to_record(row)
+
+        return await self._run(op, writes=True)
+
+    async def wait_result(self, task_id: str, *, poll_interval: float = 0.05) -> TaskOutcome | None:
+        """``tasks/result``: wait until the task ends, then return its outcome as stored.
+
+        Raises:
+            TaskNotFound: no such task (or it expired while waiting).
+        """
+        _check_id(task_id)
+        while True:
+            task = await self.get_task(task_id)
+            if task is None:
+                raise TaskNotFound(task_id)
+            if task.status.is_terminal:
+                return task.result
+            await anyio.sleep(poll_interval)
 
     async def expire_tasks(self) -> list[str]:
         """Delete every task whose TTL (counted from creation) has run out, whatever its
@@ -364,17 +444,19 @@ class TaskFacet:
     async def _change(self, task_id: str, decide: Callable[[TaskRow], TaskRow]) -> TaskRecord:
         """Read a task, decide its next row, and write it guarded by the version read."""
         _check_id(task_id)
+        return await self._run(lambda table: self._change_op(table, task_id, decide), writes=True)
 
-        def op(table: TaskTable) -> TaskRecord:
-            row = table.get(task_id)
-            if row is None:
-                raise TaskNotFound(task_id)
-            new = decide(row)
-            if not table.replace(new, row.version):
-                raise ConcurrentModification(task_id)
-            return row_to_record(new)
-
-        return await self._run(op, writes=True)
+    @staticmethod
+    def _change_op(
+        table: TaskTable, task_id: str, decide: Callable[[TaskRow], TaskRow]
+    ) -> TaskRecord:
+        row = table.get(task_id)
+        if row is None:
+            raise TaskNotFound(task_id)
+        new = decide(row)
+        if not table.replace(new, row.version):
+            raise ConcurrentModification(task_id)
+        return row_to_record(new)
 
     async def _finish(
         self, task_id: str, outcome: TaskOutcome, status: TaskStatus | None, message: str | None
