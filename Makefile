@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 	$(BIN)/python examples/agents.py
+	$(BIN)/python examples/executions.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check turnbuckle tests bench examples
@@ -30,9 +31,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/tasks.py
 	$(BIN)/python bench/sessions.py
 	$(BIN)/python bench/runtime.py
+	$(BIN)/python bench/executions.py
 
 soak: $(STAMP)
 	TURNBUCKLE_SOAK=1 $(BIN)/python -m pytest -q tests/reliability
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-tasks.db* demo-agents.db*
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-tasks.db* demo-agents.db* demo-executions.db*

@@ -169,7 +169,7 @@ async def use_sessions(store: turnbuckle.Store, session_id: str) -> int:
 
 
 async def test_a_version_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     path = tmp_path / "v1.db"
     make_v1_file(path)
     async with turnbuckle.open_store(store_url(path)) as store:
@@ -178,7 +178,7 @@ async def test_a_version_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
         assert task.original_params == {"n": 1}
         assert await use_sessions(store, "s") == 1
         await store.tasks.update_task_status("old-task", TaskStatus.COMPLETED)
-    assert sql(path, "PRAGMA user_version") == [(2,)]
+    assert sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert sql(path, "PRAGMA application_id") == [(APPLICATION_ID,)]
     assert sql(path, "PRAGMA integrity_check") == [("ok",)]
     # The upgraded file has exactly the schema (and counters) of a file made new.
@@ -189,7 +189,7 @@ async def test_a_version_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     assert sql(path, "SELECT key FROM tb_meta ORDER BY key") == sql(
         fresh, "SELECT key FROM tb_meta ORDER BY key"
     )
-    # And it opens again as a plain version-2 file.
+    # And it opens again as a plain current-version file.
     async with turnbuckle.open_store(store_url(path)) as store:
         assert await use_sessions(store, "t") == 2
         done = await store.tasks.get_task("old-task")
@@ -221,11 +221,11 @@ def test_concurrent_opens_of_a_version_1_file_all_succeed(tmp_path: Path) -> Non
     for thread in threads:
         thread.join(WAIT_S)
     assert sorted(outcomes.values()) == list(range(1, openers + 1)), outcomes
-    assert sql(path, "PRAGMA user_version") == [(2,)]
+    assert sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert sql(path, "PRAGMA integrity_check") == [("ok",)]
 
 
-@pytest.mark.parametrize("version", [99, 3, 0])
+@pytest.mark.parametrize("version", [99, SCHEMA_VERSION + 1, 0])
 async def test_an_unsupported_schema_version_reports_both_versions(
     tmp_path: Path, version: int
 ) -> None:
@@ -238,9 +238,9 @@ async def test_an_unsupported_schema_version_reports_both_versions(
     with pytest.raises(UnsupportedSchemaVersion) as caught:
         async with turnbuckle.open_store(store_url(path)):
             pass
-    assert (caught.value.expected, caught.value.found) == (2, version)
+    assert (caught.value.expected, caught.value.found) == (SCHEMA_VERSION, version)
     words = str(caught.value).replace(str(path), "<path>").replace(",", " ").split()
-    assert str(version) in words and "2" in words, str(caught.value)
+    assert str(version) in words and str(SCHEMA_VERSION) in words, str(caught.value)
     assert schema(path) == before
     assert sql(path, "PRAGMA user_version") == [(version,)]
 

@@ -7,7 +7,6 @@ the row version it read, together with its outbox events, in one transaction.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Iterable
 from typing import Protocol, TypeVar
 
@@ -32,6 +31,7 @@ from turnbuckle.sansio.execution import (
     RetryPolicy,
     apply_summary_patch,
     check_handle,
+    check_lease_ttl,
     claim_execution,
     complete_execution,
     fail_execution,
@@ -212,6 +212,8 @@ class ExecutionFacet:
         now = self._clock.now_ms()
         if execution_id is not None:
             check_text("execution_id", execution_id, limit=self._limit)
+            if not execution_id:
+                raise InvalidArgument("execution_id must not be empty (None makes one)")
         row = new_execution(
             execution_id=execution_id or f"ex:{random_hex(self._ids)}",
             lane=lane,
@@ -291,14 +293,21 @@ class ExecutionFacet:
             InvalidArgument: a bad argument.
         """
         check_text("lane", lane)
-        caps = tuple(capabilities) if not isinstance(capabilities, str) else capabilities
-        select_for_claim([], caps, now_ms=0)  # validates the capabilities before any IO
+        caps = _capabilities(capabilities)
         check_text("worker_id", worker_id, limit=self._limit)
-        check_int64("lease_ttl_ms", lease_ttl_ms, minimum=1)
+        check_lease_ttl(lease_ttl_ms)
         now, backend = self._clock.now_ms(), self.backend_name
 
         def op(table: ExecutionTable) -> Handle | None:
-            row = select_for_claim(table.runnable(lane, now, _CLAIM_SCAN), caps, now_ms=now)
+            # Best first; a page this worker can serve nothing of grows the look until the lane's
+            # runnable work is exhausted, so a servable execution is never missed.
+            scan, row = _CLAIM_SCAN, None
+            while True:
+                rows = table.runnable(lane, now, scan)
+                row = select_for_claim(rows, caps, now_ms=now)
+                if row is not None or len(rows) < scan:
+                    break
+                scan *= 4
             if row is None:
                 return None
             claimed, handle = claim_execution(
@@ -326,6 +335,7 @@ class ExecutionFacet:
         """
         check_text("execution_id", execution_id)
         check_text("worker_id", worker_id, limit=self._limit)
+        check_lease_ttl(lease_ttl_ms)
         now, backend = self._clock.now_ms(), self.backend_name
 
         def op(table: ExecutionTable) -> Handle | None:
@@ -355,9 +365,9 @@ class ExecutionFacet:
             InvalidArgument: a bad argument.
         """
         check_text("lane", lane)
-        caps = set(tuple(capabilities) if not isinstance(capabilities, str) else capabilities)
-        select_for_claim([], list(caps), now_ms=0)
+        caps = set(_capabilities(capabilities))
         check_text("worker_id", worker_id, limit=self._limit)
+        check_lease_ttl(lease_ttl_ms)
         now, backend = self._clock.now_ms(), self.backend_name
 
         def op(table: ExecutionTable) -> Handle | None:
@@ -427,12 +437,16 @@ class ExecutionFacet:
         check_text("message", message, limit=self._limit)
         outcome: list[str] = []
 
-        def decide(row: ExecutionRow, now: int) -> ExecutionRow:
-            new, what = fail_execution(row, handle, failure, message, now_ms=now)
+        def decide(row: ExecutionRow, now: int, table: ExecutionTable) -> ExecutionRow:
+            # A run whose cancellation was requested is not retried, whatever it failed with.
+            cls = FailureClass.CANCELLED if table.cancel_requested(row.execution_id) else failure
+            new, what = fail_execution(row, handle, cls, message, now_ms=now)
             outcome.append(what)
             return new
 
-        await self._fenced(handle, "revoked", decide, completion=lambda: outcome[-1])
+        await self._fenced(
+            handle, "revoked", decide, completion=lambda: outcome[-1], with_table=True
+        )
         return outcome[-1]
 
     async def progress(
@@ -505,6 +519,8 @@ class ExecutionFacet:
         check_int64("limit", limit, minimum=1)
 
         def op(table: ExecutionTable) -> list[Frame]:
+            if table.execution(execution_id) is None:
+                raise ExecutionNotFound(execution_id)
             out = []
             for frame, text in table.frames(execution_id, after, min(limit, 1000)):
                 try:
@@ -566,10 +582,11 @@ class ExecutionFacet:
         self,
         handle: Handle,
         lease_event: str | None,
-        decide: Callable[[ExecutionRow, int], ExecutionRow | None],
+        decide: Callable[..., ExecutionRow | None],
         *,
         completion: str | Callable[[], str] | None = None,
         after: Callable[[ExecutionTable, ExecutionRow, int], None] | None = None,
+        with_table: bool = False,
     ) -> bool:
         if not isinstance(handle, Handle):
             raise InvalidArgument(f"expected a Handle, got {handle!r}")
@@ -581,7 +598,7 @@ class ExecutionFacet:
             row = table.execution(handle.execution_id)
             if row is None:
                 raise ExecutionNotFound(handle.execution_id)
-            new = decide(row, now)
+            new = decide(row, now, table) if with_table else decide(row, now)
             if new is not None:
                 self._write(table, row, new)
                 if after is not None:
@@ -610,6 +627,10 @@ class ExecutionFacet:
         return await self._run(op, writes=True)
 
 
-def new_store_id() -> str:
-    """A fresh store identity (for stores that have none yet)."""
-    return secrets.token_hex(8)
+def _capabilities(capabilities: object) -> tuple[str, ...]:
+    """The capabilities as a tuple (a generator is read once), validated before any IO."""
+    if isinstance(capabilities, str) or not isinstance(capabilities, Iterable):
+        raise InvalidArgument(f"capabilities must be a collection of str, got {capabilities!r}")
+    caps = tuple(capabilities)
+    select_for_claim([], caps, now_ms=0)
+    return caps

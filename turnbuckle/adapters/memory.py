@@ -359,7 +359,7 @@ class MemoryExecutionTable(_UndoLog):
         self._executions: dict[str, ExecutionRow] = {}
         self._frames: dict[tuple[str, int], tuple[Frame, str]] = {}
         self._events: dict[int, ExecutionEvent] = {}
-        self._next_event = 1
+        self._counters: dict[str, int] = {"event": 1}
         self._cancels: dict[str, bool] = {}
 
     def store_id(self) -> str:
@@ -419,8 +419,8 @@ class MemoryExecutionTable(_UndoLog):
         lease_epoch: int,
         at_ms: int,
     ) -> None:
-        event_id = self._next_event
-        self._next_event += 1
+        event_id = self._counters["event"]
+        self._set(self._counters, "event", event_id + 1)  # undone with the rest on rollback
         self._set(
             self._events,
             event_id,

@@ -21,7 +21,8 @@ loop except to schedule "your reply is ready" on it. That gives:
   also guarded by the row version it read (checked by the changed-row count).
 - **Writes are never abandoned.** A caller cancelled while its write is queued or running keeps
   waiting (shielded) until the outcome is known: a cancelled caller is never told "not applied"
-  about a write that then commits. Reads may be abandoned.
+  about a write that then commits. Reads may be abandoned. A caller already cancelled when it
+  calls starts nothing.
 - **A race-free open.** The schema is checked and created inside ``BEGIN IMMEDIATE``, with an
   ``application_id`` stamp (so a foreign file, or our file with another database's ``-wal``, is
   refused rather than written over), a ``user_version`` check (an older version is migrated in
@@ -45,12 +46,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
+import anyio.lowlevel
 import apsw
 import attrs
 
 from turnbuckle.actors.oneshot import ThreadReply
+from turnbuckle.adapters.executions import ExecutionEvent, ExecutionTable, Frame
 from turnbuckle.errors import (
     CorruptRecordError,
     ForeignDatabaseError,
@@ -66,6 +69,7 @@ from turnbuckle.errors import (
     TurnbuckleError,
     UnsupportedSchemaVersion,
 )
+from turnbuckle.sansio.execution import ExecutionRow, FrameKind
 from turnbuckle.sansio.lease import LeaseRow
 from turnbuckle.sansio.queue import QueuedBatchRow
 from turnbuckle.sansio.session import AttachmentEntry, HeadRow, TurnStampRow
@@ -75,6 +79,7 @@ __all__ = [
     "APPLICATION_ID",
     "SCHEMA_VERSION",
     "Durability",
+    "SqliteExecutionTable",
     "SqliteRunner",
     "SqliteSessionTable",
     "SqliteTables",
@@ -90,7 +95,7 @@ Durability = Literal["full", "process"]
 APPLICATION_ID: Final = 0x54524E42
 #: The schema this code reads and writes. An older file is migrated at open (see
 #: ``_MIGRATIONS``); a newer one is refused.
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 #: Most requests one transaction takes; bounds the latency a big burst adds to its first caller.
 MAX_BATCH: Final = 256
 _WAL_RETRIES: Final = 20
@@ -206,10 +211,79 @@ _DDL_V2: Final = (
     "INSERT INTO tb_meta (key, value) VALUES ('enqueue_seq', 0)",
 )
 
+# Version 3 adds the execution tables (the rows of :mod:`turnbuckle.sansio.execution`) and the
+# store's identity, a random id made once with the schema (SQLite's randomblob draws from the
+# OS's randomness) that every handle a claim issues names.
+_DDL_V3: Final = (
+    """CREATE TABLE tb_identity (
+        key TEXT PRIMARY KEY NOT NULL,
+        value TEXT NOT NULL
+    ) STRICT""",
+    "INSERT INTO tb_identity (key, value) VALUES ('store_id', lower(hex(randomblob(8))))",
+    # One row per execution: ExecutionRow's fields, capabilities as a JSON array of str.
+    """CREATE TABLE executions (
+        execution_id TEXT PRIMARY KEY NOT NULL,
+        lane TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        capabilities TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        payload TEXT,
+        phase TEXT NOT NULL,
+        attempt_index INTEGER NOT NULL,
+        lease_epoch INTEGER NOT NULL,
+        worker_id TEXT,
+        lease_expires_at_ms INTEGER,
+        lease_ttl_ms INTEGER NOT NULL,
+        not_before_ms INTEGER NOT NULL,
+        outcome TEXT,
+        result TEXT,
+        failure TEXT,
+        progress_pct INTEGER,
+        progress_message TEXT,
+        max_attempts INTEGER NOT NULL,
+        base_backoff_ms INTEGER NOT NULL,
+        max_backoff_ms INTEGER NOT NULL,
+        summary TEXT,
+        summary_version INTEGER NOT NULL,
+        frame_count INTEGER NOT NULL,
+        version INTEGER NOT NULL
+    ) STRICT""",
+    # A claim's candidates, best first: only runnable rows, so finished ones cost it nothing.
+    "CREATE INDEX executions_runnable ON executions"
+    " (lane, priority DESC, created_at_ms, execution_id) WHERE phase = 'runnable'",
+    # Running ones by lease expiry, oldest first (what a reclaim sweep looks at).
+    "CREATE INDEX executions_expiring ON executions"
+    " (lane, ifnull(lease_expires_at_ms, 0), execution_id) WHERE phase = 'active'",
+    """CREATE TABLE execution_frames (
+        execution_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        attempt_index INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (execution_id, seq)
+    ) STRICT""",
+    # The outbox: AUTOINCREMENT, so an event id is never given out twice.
+    """CREATE TABLE execution_events (
+        event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream TEXT NOT NULL,
+        execution_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        attempt_index INTEGER NOT NULL,
+        lease_epoch INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL
+    ) STRICT""",
+    "CREATE INDEX execution_events_by_stream ON execution_events (stream, event_id)",
+    """CREATE TABLE execution_cancels (
+        execution_id TEXT PRIMARY KEY NOT NULL
+    ) STRICT""",
+)
+
 #: A brand-new file gets every table at once.
-_DDL: Final = (*_DDL_V1, *_DDL_V2)
-#: The statements that take a file from version ``v`` to ``v + 1``.
-_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _DDL_V2}
+_DDL: Final = (*_DDL_V1, *_DDL_V2, *_DDL_V3)
+#: The statements that take a file from version ``v`` to ``v + 1`` (an older file takes each
+#: step in turn, in one transaction).
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _DDL_V2, 2: _DDL_V3}
 
 
 def sqlite_version() -> str:
@@ -638,12 +712,202 @@ class SqliteSessionTable:
         self._conn.execute("DELETE FROM blobs WHERE ref = ?", (ref,))
 
 
-class SqliteTables(SqliteTaskTable, SqliteSessionTable):
+# --- execution rows --------------------------------------------------------------------------
+
+# The columns are ExecutionRow's fields, in its order (capabilities as a JSON array of str).
+_EXEC_FIELDS: Final = tuple(field.name for field in attrs.fields(ExecutionRow))
+_EXEC_SET: Final = _EXEC_FIELDS[1:]  # what a write sets: all but the key
+_EXEC_SELECT: Final = f"SELECT {', '.join(_EXEC_FIELDS)} FROM executions"
+_EXEC_INSERT: Final = (
+    f"INSERT INTO executions ({', '.join(_EXEC_FIELDS)}) VALUES (?{', ?' * len(_EXEC_SET)})"
+    " ON CONFLICT (execution_id) DO NOTHING"
+)
+_EXEC_UPDATE: Final = (
+    f"UPDATE executions SET {', '.join(f'{name} = ?' for name in _EXEC_SET)}"
+    " WHERE execution_id = ? AND version = ?"
+)
+# Served by the executions_runnable index, in its order (the partial index needs the literal
+# phase = 'runnable').
+_EXEC_RUNNABLE: Final = (
+    f"{_EXEC_SELECT} WHERE lane = ? AND phase = 'runnable' AND not_before_ms <= ?"
+    " ORDER BY priority DESC, created_at_ms, execution_id LIMIT ?"
+)
+# Served by the executions_expiring index, in its order (a missing expiry counts as 0, as in the
+# memory table; the expression must match the index's).
+_EXEC_EXPIRED: Final = (
+    f"{_EXEC_SELECT} WHERE lane = ? AND phase = 'active' AND ifnull(lease_expires_at_ms, 0) <= ?"
+    " ORDER BY ifnull(lease_expires_at_ms, 0), execution_id LIMIT ?"
+)
+_EVENT_COLUMNS: Final = "event_id, stream, execution_id, kind, attempt_index, lease_epoch, at_ms"
+
+
+def _capabilities(execution_id: str, text: str) -> tuple[str, ...]:
+    try:
+        value = json.loads(text)
+        if not (isinstance(value, list) and all(type(cap) is str for cap in value)):
+            raise ValueError(f"capabilities are not a list of str: {value!r}")
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise CorruptRecordError("executions", execution_id, repr(exc)) from exc
+    return tuple(value)
+
+
+def _execution(values: tuple[Any, ...]) -> ExecutionRow:
+    fields = dict(zip(_EXEC_FIELDS, values, strict=True))
+    fields["capabilities"] = _capabilities(fields["execution_id"], fields["capabilities"])
+    return ExecutionRow(**fields)
+
+
+def _execution_values(row: ExecutionRow) -> tuple[Any, ...]:
+    return tuple(
+        json.dumps(list(row.capabilities), ensure_ascii=False, separators=(",", ":"))
+        if name == "capabilities"
+        else getattr(row, name)
+        for name in _EXEC_SET
+    )
+
+
+class SqliteExecutionTable:
+    """The execution tables of one connection, with :class:`MemoryExecutionTable`'s semantics;
+    every call runs inside the caller's transaction, and a guarded write reports by the
+    changed-row count whether its guard held."""
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self._conn = conn
+        self._store_id: str | None = None
+
+    def store_id(self) -> str:
+        # Made once with the schema and never changed, so one read per connection will do.
+        if self._store_id is None:
+            found = self._conn.execute(
+                "SELECT value FROM tb_identity WHERE key = 'store_id'"
+            ).fetchone()
+            if found is None or not isinstance(found[0], str) or not found[0]:
+                raise CorruptRecordError("tb_identity", "store_id", "the store identity is missing")
+            self._store_id = found[0]
+        return self._store_id
+
+    def execution(self, execution_id: str) -> ExecutionRow | None:
+        sql = f"{_EXEC_SELECT} WHERE execution_id = ?"
+        found = self._conn.execute(sql, (execution_id,)).fetchone()
+        return None if found is None else _execution(found)
+
+    def insert_execution(self, row: ExecutionRow) -> bool:
+        self._conn.execute(_EXEC_INSERT, (row.execution_id, *_execution_values(row)))
+        return bool(self._conn.changes() == 1)
+
+    def replace_execution(self, row: ExecutionRow, expected_version: int) -> bool:
+        self._conn.execute(
+            _EXEC_UPDATE, (*_execution_values(row), row.execution_id, expected_version)
+        )
+        return bool(self._conn.changes() == 1)
+
+    def runnable(self, lane: str, now_ms: int, limit: int) -> list[ExecutionRow]:
+        return [_execution(r) for r in self._conn.execute(_EXEC_RUNNABLE, (lane, now_ms, limit))]
+
+    def expired(self, lane: str, now_ms: int, limit: int) -> list[ExecutionRow]:
+        return [_execution(r) for r in self._conn.execute(_EXEC_EXPIRED, (lane, now_ms, limit))]
+
+    def add_frame(self, frame: Frame, text: str) -> None:
+        # REPLACE: a frame stored again under its key overwrites it, as the memory table's does.
+        self._conn.execute(
+            "INSERT OR REPLACE INTO execution_frames"
+            " (execution_id, seq, attempt_index, kind, data, created_at_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                frame.execution_id,
+                frame.seq,
+                frame.attempt_index,
+                frame.kind.value,
+                text,
+                frame.created_at_ms,
+            ),
+        )
+
+    def frames(self, execution_id: str, after_seq: int, limit: int) -> list[tuple[Frame, str]]:
+        sql = (
+            "SELECT seq, attempt_index, kind, data, created_at_ms FROM execution_frames"
+            " WHERE execution_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        )
+        out: list[tuple[Frame, str]] = []
+        for seq, attempt_index, kind, text, created_at_ms in self._conn.execute(
+            sql, (execution_id, after_seq, limit)
+        ):
+            try:
+                frame_kind = FrameKind(kind)
+            except ValueError as exc:
+                raise CorruptRecordError(
+                    "execution_frames", f"{execution_id}#{seq}", repr(exc)
+                ) from exc
+            frame = Frame(
+                execution_id=execution_id,
+                seq=seq,
+                attempt_index=attempt_index,
+                kind=frame_kind,
+                data=None,
+                created_at_ms=created_at_ms,
+            )
+            out.append((frame, text))
+        return out
+
+    def add_event(
+        self,
+        stream: str,
+        execution_id: str,
+        kind: str,
+        attempt_index: int,
+        lease_epoch: int,
+        at_ms: int,
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO execution_events"
+            " (stream, execution_id, kind, attempt_index, lease_epoch, at_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (stream, execution_id, kind, attempt_index, lease_epoch, at_ms),
+        )
+
+    def events(self, stream: str, after_id: int, limit: int) -> list[ExecutionEvent]:
+        sql = (
+            f"SELECT {_EVENT_COLUMNS} FROM execution_events"
+            " WHERE stream = ? AND event_id > ? ORDER BY event_id LIMIT ?"
+        )
+        return [
+            ExecutionEvent(
+                event_id=r[0],
+                stream=r[1],
+                execution_id=r[2],
+                kind=r[3],
+                attempt_index=r[4],
+                lease_epoch=r[5],
+                at_ms=r[6],
+            )
+            for r in self._conn.execute(sql, (stream, after_id, limit))
+        ]
+
+    def cancel_requested(self, execution_id: str) -> bool:
+        sql = "SELECT 1 FROM execution_cancels WHERE execution_id = ?"
+        return self._conn.execute(sql, (execution_id,)).fetchone() is not None
+
+    def request_cancel(self, execution_id: str) -> None:
+        self._conn.execute(
+            "INSERT INTO execution_cancels (execution_id) VALUES (?)"
+            " ON CONFLICT (execution_id) DO NOTHING",
+            (execution_id,),
+        )
+
+
+class SqliteTables(SqliteTaskTable, SqliteSessionTable, SqliteExecutionTable):
     """Every table of one connection: what the runner hands each operation."""
 
     def __init__(self, conn: apsw.Connection) -> None:
         SqliteTaskTable.__init__(self, conn)
         SqliteSessionTable.__init__(self, conn)
+        SqliteExecutionTable.__init__(self, conn)
+
+
+if TYPE_CHECKING:
+    # mypy checks here that the execution table keeps up with the protocol the facet uses.
+    def _is_an_execution_table(table: SqliteExecutionTable) -> ExecutionTable:
+        return table
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -845,6 +1109,9 @@ class SqliteRunner:
             StoreClosedError: the store was closed.
             whatever ``fn`` raises, or the store error the database gave.
         """
+        # A caller already cancelled starts nothing (as on the memory store): it is told
+        # "cancelled" truthfully, and never leaves behind a write it will not see the result of.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         request = _Request(fn, writes)
         with self._lock:
             if self._closed:

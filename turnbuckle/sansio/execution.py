@@ -56,6 +56,7 @@ __all__ = [
     "Handle",
     "RetryPolicy",
     "check_handle",
+    "check_lease_ttl",
     "claim_execution",
     "complete_execution",
     "fail_execution",
@@ -203,8 +204,9 @@ def new_execution(
     if not isinstance(retry, RetryPolicy):
         raise InvalidArgument(f"retry must be a RetryPolicy, got {retry!r}")
     check_int64("max_attempts", retry.max_attempts, minimum=1)
-    check_int64("base_backoff_ms", retry.base_backoff_ms)
-    check_int64("max_backoff_ms", retry.max_backoff_ms)
+    for name in ("base_backoff_ms", "max_backoff_ms"):
+        if check_int64(name, getattr(retry, name)) > _MAX_BACKOFF_MS:
+            raise InvalidArgument(f"{name} must be at most 30 days, got {getattr(retry, name)}")
     return ExecutionRow(
         execution_id=execution_id,
         lane=lane,
@@ -219,9 +221,12 @@ def new_execution(
     )
 
 
+_MAX_BACKOFF_MS: Final = 30 * 86_400_000
+
+
 def _check_capabilities(capabilities: Iterable[str]) -> list[str]:
-    if isinstance(capabilities, str):
-        raise InvalidArgument("capabilities must be a collection of str, not one str")
+    if isinstance(capabilities, str) or not isinstance(capabilities, Iterable):
+        raise InvalidArgument(f"capabilities must be a collection of str, got {capabilities!r}")
     caps = list(capabilities)
     for cap in caps:
         check_text("capability", cap)
@@ -246,6 +251,15 @@ def select_for_claim(
         if set(row.capabilities) <= have:
             return row
     return None
+
+
+def check_lease_ttl(ttl_ms: object) -> int:
+    """Validate a worker lease ttl.
+
+    Raises:
+        InvalidArgument: not an int from 1 ms to 30 days.
+    """
+    return _check_ttl(ttl_ms)
 
 
 def _check_ttl(ttl_ms: object) -> int:

@@ -8,8 +8,14 @@ adapter it ships; a third-party adapter runs them the same way::
     async def test_my_store():
         await conformance.task_store(lambda **options: open_my_store(**options))
         await conformance.runtime_persistence(lambda **options: open_my_store(**options))
+        await conformance.executions(lambda **options: open_my_store(**options))
 """
 
+from turnbuckle.testing.conformance.executions import (
+    EXECUTION_SCENARIOS as EXECUTION_SCENARIOS,
+)
+from turnbuckle.testing.conformance.executions import corrupt_summary as corrupt_summary
+from turnbuckle.testing.conformance.executions import executions as executions
 from turnbuckle.testing.conformance.sessions import (
     SESSION_REOPEN_SCENARIOS as SESSION_REOPEN_SCENARIOS,
 )
@@ -30,6 +36,7 @@ from turnbuckle.testing.conformance.tasks import task_store as task_store
 from turnbuckle.testing.conformance.tasks import task_store_reopen as task_store_reopen
 
 __all__ = [
+    "EXECUTION_SCENARIOS",
     "REOPEN_SCENARIOS",
     "SESSION_REOPEN_SCENARIOS",
     "SESSION_SCENARIOS",
@@ -37,6 +44,8 @@ __all__ = [
     "Corrupt",
     "StoreFactory",
     "corrupt_rows",
+    "corrupt_summary",
+    "executions",
     "queued_turn_input_draft",
     "runtime_persistence",
     "runtime_persistence_reopenable",
