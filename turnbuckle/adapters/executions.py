@@ -47,8 +47,11 @@ from turnbuckle.sansio.ids import IdSource, random_hex
 __all__ = ["ExecutionEvent", "ExecutionFacet", "ExecutionInfo", "ExecutionTable", "Frame"]
 
 T = TypeVar("T")
-#: How many runnable executions of a lane one claim looks at, best first.
-_CLAIM_SCAN = 64
+#: How many runnable executions of a lane a claim reads first (best first); it reads more only
+#: when this worker can serve none of them. Small: decoding rows is most of a claim's cost.
+_CLAIM_SCAN = 8
+#: How many expired executions one reclaim sweep looks at (normally there are none).
+_RECLAIM_SCAN = 64
 
 
 @attrs.frozen(kw_only=True)
@@ -371,7 +374,7 @@ class ExecutionFacet:
         now, backend = self._clock.now_ms(), self.backend_name
 
         def op(table: ExecutionTable) -> Handle | None:
-            for row in table.expired(lane, now, _CLAIM_SCAN):
+            for row in table.expired(lane, now, _RECLAIM_SCAN):
                 if not set(row.capabilities) <= caps:
                     continue
                 got = reclaim_execution(
