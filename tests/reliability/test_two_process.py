@@ -20,6 +20,7 @@ import trio
 import turnbuckle
 from turnbuckle import TaskRecord, TaskStatus
 
+from ..figures import record as record_figures
 from ._children import WAIT_S, Round, race_outcome, race_worker, store_url
 from ._shared import read_all, reap
 
@@ -51,7 +52,9 @@ def expected_winner_record(kind: str, worker: int, round_no: int, record: TaskRe
     assert got == want, f"round {round_no} ({kind}): winner {worker} returned {got}"
 
 
-def check_races(path: Path, rounds: list[Round], reports: list[tuple[Any, ...]]) -> None:
+def check_races(
+    path: Path, rounds: list[Round], reports: list[tuple[Any, ...]], label: str
+) -> None:
     crashes = [r for r in reports if r[0] == "crash"]
     assert not crashes, f"a racer crashed: {crashes}"
     by_round: dict[int, list[tuple[Any, ...]]] = {}
@@ -83,6 +86,15 @@ def check_races(path: Path, rounds: list[Round], reports: list[tuple[Any, ...]])
         )
     assert len(final) == len(rounds)
     assert sum(wins.values()) == len(rounds), wins
+    record_figures(
+        "Two writers on one task: exactly one wins",
+        f"{label}: at a barrier, both make a"
+        " conflicting change to one working task (status, complete, cancel vs complete)",
+        rounds=len(rounds),
+        exactly_one_winner=len(rounds),
+        loser_got_TerminalState=len(rounds),
+        half_written=0,
+    )
 
 
 def test_two_processes_race_on_one_task(tmp_path: Path) -> None:
@@ -110,7 +122,7 @@ def test_two_processes_race_on_one_task(tmp_path: Path) -> None:
                 break
     finally:
         reap(procs, results)
-    check_races(path, rounds, reports)
+    check_races(path, rounds, reports, "2 spawned processes")
     assert [proc.exitcode for proc in procs] == [0, 0]
 
 
@@ -134,4 +146,4 @@ def test_two_threads_race_on_one_task(tmp_path: Path) -> None:
     reports = []
     while not results.empty():
         reports.append(results.get())
-    check_races(path, rounds, reports)
+    check_races(path, rounds, reports, "2 threads, one store handle each")

@@ -392,7 +392,7 @@ class TaskFacet:
 
     async def expire_tasks(self) -> list[str]:
         """Delete every task whose TTL (counted from creation) has run out, whatever its
-        status, and return their ids."""
+        status, and return their ids, sorted."""
         now_ms = self._clock.now_ms()
 
         def op(table: TaskTable) -> list[str]:
@@ -400,7 +400,7 @@ class TaskFacet:
             for task_id, created_ms, ttl in table.expiring_before(now_ms):
                 if is_expired(created_ms, ttl, now_ms) and table.delete(task_id):
                     gone.append(task_id)
-            return gone
+            return sorted(gone)  # the same answer from every adapter
 
         return await self._run(op, writes=True)
 
@@ -435,7 +435,7 @@ class TaskFacet:
                     if not table.replace(apply_recovery(row, now_ms=now_ms), row.version):
                         raise ConcurrentModification(row.task_id)
                     recovered.append(row.task_id)
-            return recovered
+            return sorted(recovered)  # the same answer from every adapter
 
         return await self._run(op, writes=True)
 
