@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench soak lint typecheck clean
+.PHONY: demo test bench soak reliability lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/python examples/executions.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check turnbuckle tests bench examples
-	$(BIN)/ruff format --check turnbuckle tests bench examples
+	$(BIN)/ruff check turnbuckle tests bench examples scripts
+	$(BIN)/ruff format --check turnbuckle tests bench examples scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -35,6 +35,13 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	TURNBUCKLE_SOAK=1 $(BIN)/python -m pytest -q tests/reliability
+
+# The reliability report: the harnesses (CI sizes; TURNBUCKLE_SOAK=1 for large ones) record
+# their figures, then RELIABILITY.md is rendered from them.
+reliability: $(STAMP)
+	rm -f .reliability-figures.jsonl
+	TURNBUCKLE_FIGURES=$(CURDIR)/.reliability-figures.jsonl $(BIN)/python -m pytest -q -p no:cacheprovider tests/reliability tests/sim tests/adapters/test_sqlite_sessions.py tests/adapters/test_sqlite_executions.py tests/actors/test_runtime_processes.py
+	$(BIN)/python scripts/reliability_report.py .reliability-figures.jsonl RELIABILITY.md $(if $(TURNBUCKLE_SOAK),--soak,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-tasks.db* demo-agents.db* demo-executions.db*

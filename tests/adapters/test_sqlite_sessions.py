@@ -59,6 +59,7 @@ from turnbuckle.adapters.sqlite import APPLICATION_ID, SCHEMA_VERSION
 from turnbuckle.sansio.session import blob_ref
 from turnbuckle.testing import FakeClock, SeededIds
 
+from ..figures import record as record_figures
 from ..reliability._shared import reap
 from ._session_children import TTL_MS, WAIT_S, Round, race_worker, store_url
 
@@ -277,6 +278,12 @@ async def test_a_stale_fence_cannot_commit_after_a_new_grant(tmp_path: Path) -> 
 
 
 ROUNDS = 8
+CAS_FIGURES = (
+    "Session head CAS and queue claims across connections: one winner, clean errors",
+    "two racers at a barrier commit with expected_head_revision=0 (shared and own leases) or"
+    " claim the same queued work; exactly one wins, the loser gets HeadRevisionConflict, a busy"
+    " lease or nothing, never a raw driver error",
+)
 
 
 def race_rounds() -> list[Round]:
@@ -365,6 +372,9 @@ def test_races_between_two_threads(tmp_path: Path) -> None:
     for thread in threads:
         thread.join(WAIT_S)
     check_races(path, rounds, collect(results, 2 * len(rounds)))
+    record_figures(
+        *CAS_FIGURES, racers="2 threads", rounds=len(rounds), exactly_one_winner=True, raw_errors=0
+    )
 
 
 def test_races_between_two_processes(tmp_path: Path) -> None:
@@ -387,6 +397,13 @@ def test_races_between_two_processes(tmp_path: Path) -> None:
         reap(procs, results)
     assert [proc.exitcode for proc in procs] == [0, 0]
     check_races(path, rounds, got)
+    record_figures(
+        *CAS_FIGURES,
+        racers="2 processes",
+        rounds=len(rounds),
+        exactly_one_winner=True,
+        raw_errors=0,
+    )
 
 
 # --- lash finding 2: a held batch is not claimed again ---------------------------------------
