@@ -45,7 +45,8 @@ def main() -> None:
         merged: dict[str, object] = {}
         for entry in entries:
             for key, value in entry["figures"].items():  # type: ignore[attr-defined]
-                if isinstance(value, int) and isinstance(merged.get(key, 0), int):
+                summable = isinstance(value, int) and not isinstance(value, bool)
+                if summable and isinstance(merged.get(key, 0), int):
                     merged[key] = int(merged.get(key, 0)) + value  # type: ignore[call-overload]
                 else:
                     merged.setdefault(key, value)
