@@ -4,7 +4,6 @@ ships."""
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,28 +14,9 @@ import turnbuckle
 from turnbuckle.testing import conformance
 from turnbuckle.testing.conformance import sessions as session_scenarios
 
+from .factories import memory_factory, sqlite_factory, sqlite_process_factory
+
 Scenario = Callable[[conformance.StoreFactory], Awaitable[None]]
-_counter = itertools.count()
-
-
-def memory_factory(tmp_path: Path) -> conformance.StoreFactory:
-    return lambda **options: turnbuckle.open_store("memory://", **options)
-
-
-def sqlite_factory(tmp_path: Path, durability: str = "full") -> conformance.StoreFactory:
-    def make(**options: Any) -> contextlib.AbstractAsyncContextManager[turnbuckle.Store]:
-        # Each make() is a fresh, empty file, as the suite expects.
-        return turnbuckle.open_store(
-            f"sqlite:///{tmp_path}/store-{next(_counter)}.db",
-            durability=durability,  # type: ignore[arg-type]
-            **options,
-        )
-
-    return make
-
-
-def sqlite_process_factory(tmp_path: Path) -> conformance.StoreFactory:
-    return sqlite_factory(tmp_path, "process")
 
 
 #: adapter -> (fresh-store factory, the durability tier it must declare)
