@@ -48,6 +48,7 @@ from turnbuckle.sansio.execution import (
     Handle,
     RetryPolicy,
 )
+from turnbuckle.testing.conformance._check import raises, raises_type
 from turnbuckle.testing.conformance.tasks import Corrupt, StoreFactory
 from turnbuckle.testing.fakes import FakeClock
 
@@ -63,23 +64,7 @@ CANCELLED = ExecutionState.CANCELLED
 # --- helpers ---------------------------------------------------------------------------------
 
 
-async def _raises(expected: TurnbuckleError, call: Awaitable[Any]) -> None:
-    """Await ``call`` and check it raised exactly ``expected`` (type and fields)."""
-    try:
-        await call
-    except TurnbuckleError as exc:
-        assert exc == expected, f"expected {expected!r}, got {exc!r}"
-        return
-    raise AssertionError(f"expected {expected!r}, nothing was raised")
-
-
-async def _raises_type(expected: type[TurnbuckleError], call: Awaitable[Any]) -> TurnbuckleError:
-    try:
-        await call
-    except TurnbuckleError as exc:
-        assert type(exc) is expected, f"expected {expected.__name__}, got {exc!r}"
-        return exc
-    raise AssertionError(f"expected {expected.__name__}, nothing was raised")
+_raises, _raises_type = raises, raises_type
 
 
 @contextlib.contextmanager

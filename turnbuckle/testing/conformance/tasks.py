@@ -41,6 +41,7 @@ from turnbuckle.sansio.task import (
     TaskSuccess,
     parse_timestamp,
 )
+from turnbuckle.testing.conformance._check import raises, raises_type
 from turnbuckle.testing.fakes import FakeClock, SeededIds
 
 __all__ = [
@@ -92,23 +93,7 @@ def make_full_task(task_id: str, session_id: str, created_at: str) -> TaskRecord
     )
 
 
-async def _raises(expected: TurnbuckleError, call: Awaitable[Any]) -> None:
-    """Await ``call`` and check it raised exactly ``expected`` (type and fields)."""
-    try:
-        await call
-    except TurnbuckleError as exc:
-        assert exc == expected, f"expected {expected!r}, got {exc!r}"
-        return
-    raise AssertionError(f"expected {expected!r}, nothing was raised")
-
-
-async def _raises_type(expected: type[TurnbuckleError], call: Awaitable[Any]) -> TurnbuckleError:
-    try:
-        await call
-    except TurnbuckleError as exc:
-        assert type(exc) is expected, f"expected {expected.__name__}, got {exc!r}"
-        return exc
-    raise AssertionError(f"expected {expected.__name__}, nothing was raised")
+_raises, _raises_type = raises, raises_type
 
 
 async def _all(store: Store, session_id: str | None = None, limit: int = 1000) -> list[str]:
