@@ -48,7 +48,8 @@ from turnbuckle.sansio.execution import (
     Handle,
     RetryPolicy,
 )
-from turnbuckle.testing.conformance._check import raises, raises_type
+from turnbuckle.testing.conformance._check import raises as _raises
+from turnbuckle.testing.conformance._check import raises_type as _raises_type
 from turnbuckle.testing.conformance.tasks import Corrupt, StoreFactory
 from turnbuckle.testing.fakes import FakeClock
 
@@ -62,9 +63,6 @@ CANCELLED = ExecutionState.CANCELLED
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-_raises, _raises_type = raises, raises_type
 
 
 @contextlib.contextmanager

@@ -41,7 +41,8 @@ from turnbuckle.sansio.task import (
     TaskSuccess,
     parse_timestamp,
 )
-from turnbuckle.testing.conformance._check import raises, raises_type
+from turnbuckle.testing.conformance._check import raises as _raises
+from turnbuckle.testing.conformance._check import raises_type as _raises_type
 from turnbuckle.testing.fakes import FakeClock, SeededIds
 
 __all__ = [
@@ -91,9 +92,6 @@ def make_full_task(task_id: str, session_id: str, created_at: str) -> TaskRecord
         original_params={"tool": "calculator", "args": {"a": 1, "b": 2}},
         meta={"key1": "value1", "key2": 42},
     )
-
-
-_raises, _raises_type = raises, raises_type
 
 
 async def _all(store: Store, session_id: str | None = None, limit: int = 1000) -> list[str]:
