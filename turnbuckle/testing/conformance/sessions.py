@@ -81,7 +81,9 @@ from turnbuckle.sansio.session import (
     UsageEntry,
     turn_commit_hash,
 )
-from turnbuckle.testing.conformance.tasks import StoreFactory, _raises, _raises_type
+from turnbuckle.testing.conformance._check import raises as _raises
+from turnbuckle.testing.conformance._check import raises_type as _raises_type
+from turnbuckle.testing.conformance.tasks import StoreFactory
 from turnbuckle.testing.fakes import FakeClock
 
 __all__ = [
