@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import multiprocessing
+import os
 import threading
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -800,14 +801,18 @@ async def test_executions_agree_with_the_memory_store(tmp_path: Path, ops: list[
 
 # --- workers in several processes ------------------------------------------------------------
 
-WORKERS = 3
-EXECUTIONS = 60
+SOAK = os.environ.get("TURNBUCKLE_SOAK") == "1"
 
 
-def test_workers_in_three_processes_end_each_execution_exactly_once(tmp_path: Path) -> None:
-    """Three spawned workers share one file and one lane: claims never hand one execution to
-    two live leases, a worker that stalls past its lease loses it to a reclaim and is refused
-    when it completes late, and every execution completes exactly once."""
+@pytest.mark.parametrize(("workers", "executions"), [(3, 60), (16, 400 if SOAK else 160)])
+def test_worker_processes_end_each_execution_exactly_once(
+    tmp_path: Path,
+    workers: int,
+    executions: int,
+) -> None:
+    """Spawned workers (3, then 16) share one file and one lane: claims never hand one
+    execution to two live leases, a worker that stalls past its lease loses it to a reclaim and
+    is refused when it completes late, and every execution completes exactly once."""
     path = tmp_path / "workers.db"
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -816,30 +821,30 @@ def test_workers_in_three_processes_end_each_execution_exactly_once(tmp_path: Pa
         async with turnbuckle.open_store(store_url(path)) as store:
             return [
                 (await store.executions.create(LANE, payload={"n": n})).execution_id
-                for n in range(EXECUTIONS)
+                for n in range(executions)
             ]
 
     ids = trio.run(seed)
     ctx = multiprocessing.get_context("spawn")
-    start = ctx.Barrier(WORKERS, timeout=WAIT_S)
+    start = ctx.Barrier(workers, timeout=WAIT_S)
     results = ctx.Queue()
     procs = [
         ctx.Process(
             target=execution_worker,
             args=(str(path), f"worker-{n}", n, ids, str(markers), 1000 + n, start, results),
         )
-        for n in range(WORKERS)
+        for n in range(workers)
     ]
     for proc in procs:
         proc.start()
     reports: dict[str, Any] = {}
     try:
-        for _ in range(WORKERS):
+        for _ in range(workers):
             worker_id, report = results.get(timeout=WAIT_S)
             reports[worker_id] = report
     finally:
         reap(procs, results)
-    assert [proc.exitcode for proc in procs] == [0] * WORKERS, reports
+    assert [proc.exitcode for proc in procs] == [0] * workers, reports
     for worker_id, report in reports.items():
         assert isinstance(report, dict), (worker_id, report)
 
@@ -897,9 +902,9 @@ def test_workers_in_three_processes_end_each_execution_exactly_once(tmp_path: Pa
     assert sum(e.kind == "reclaimed" for e in lease) == len(every("reclaims")) >= 1
     record_figures(
         "Claims under stalls: no double ownership, every execution ends exactly once",
-        "3 worker processes on one SQLite file drain a lane; some stall past their lease, others"
-        " reclaim; an O_EXCL marker per execution catches two holders with live leases",
-        processes=3,
+        f"{workers} worker processes on one SQLite file drain a lane; some stall past their"
+        " lease, others reclaim; an O_EXCL marker per execution catches two live holders",
+        processes=workers,
         executions=len(ids),
         double_ownership=0,
         duplicate_completions=0,
