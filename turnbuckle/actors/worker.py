@@ -43,6 +43,10 @@ from turnbuckle.sansio.execution import FailureClass, FrameKind, Handle
 __all__ = ["ExecutionContext", "PermanentFailure", "open_worker"]
 
 
+#: How many times a worker tries to record how a run ended, on retryable store failures.
+_FINISH_TRIES = 5
+
+
 class PermanentFailure(Exception):
     """Raise from a handler to fail the execution without retrying it."""
 
@@ -143,7 +147,9 @@ async def _slot(
         if handle is None:
             await anyio.sleep(poll)
             continue
-        with contextlib.suppress(ExecutionError):  # lost or finished meanwhile: nothing to do
+        # Lost or finished meanwhile, or the store failed: nothing more to do here. Work this
+        # worker could not finish goes back to the lane when its lease expires.
+        with contextlib.suppress(TurnbuckleError):
             await _run_one(store, handle, handler, ttl)
 
 
@@ -168,6 +174,8 @@ async def _run_one(store: Store, handle: Handle, handler: Handler, ttl: int) -> 
                     state["lost"] = True
                     work.cancel()
                     return
+                except TurnbuckleError:
+                    continue  # the store is busy for a moment: renew at the next tick
 
         tg.start_soon(keep)
         with work:
@@ -178,7 +186,8 @@ async def _run_one(store: Store, handle: Handle, handler: Handler, ttl: int) -> 
         tg.cancel_scope.cancel()
     if state["lost"]:
         return
-    with anyio.CancelScope(shield=True):
+
+    async def finish() -> None:
         if state["cancelled"]:
             await executions.fail(handle, FailureClass.CANCELLED, "cancelled on request")
         elif isinstance(error, PermanentFailure):
@@ -192,3 +201,15 @@ async def _run_one(store: Store, handle: Handle, handler: Handler, ttl: int) -> 
                 await executions.complete(handle, result)
             except InvalidArgument as exc:  # the handler returned something not storable
                 await executions.fail(handle, FailureClass.PERMANENT, f"bad result: {exc}")
+
+    with anyio.CancelScope(shield=True):
+        # A retryable store failure (busy, full) may hide a write that did apply: trying again
+        # is safe, since a second end of the same attempt is refused (ExecutionTerminal).
+        for attempt in range(_FINISH_TRIES):
+            try:
+                await finish()
+                return
+            except TurnbuckleError as exc:
+                if not exc.retryable or attempt == _FINISH_TRIES - 1:
+                    raise
+                await anyio.sleep(0.05 * 2**attempt)
