@@ -32,6 +32,7 @@ from turnbuckle import (
 )
 from turnbuckle.adapters.sqlite import APPLICATION_ID, SCHEMA_VERSION
 
+from ..figures import record as record_figures
 from ._children import store_url
 
 PAGE = 4096  # SQLite's default page size, which the store keeps
@@ -86,6 +87,16 @@ async def open_failure(path: Path, **options: object) -> TurnbuckleError:
         kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
         assert isinstance(exc, TurnbuckleError), f"untyped {kind} escaped: {exc!r}"
         assert "apsw" not in type(exc).__module__, f"raw driver error {kind} escaped: {exc!r}"
+        record_figures(
+            "Bad files get a typed error at open, never a raw driver exception",
+            "every bad file of sqlite-reliability.md section 4.3 (garbage, text, foreign"
+            " databases, other application_id, newer schema, truncations, corrupt pages,"
+            " mispaired -wal, missing folder, folder path) is opened through open_store",
+            cases=1,
+            typed_errors=1,
+            raw_driver_exceptions=0,
+            **{f"error_{type(exc).__name__}": 1},
+        )
         return exc
     raise AssertionError(f"opening {path} succeeded; expected a typed error")
 
