@@ -62,6 +62,7 @@ from turnbuckle.testing import FakeClock, SeededIds
 from ..figures import record as record_figures
 from ..reliability._shared import reap
 from ._session_children import TTL_MS, WAIT_S, Round, race_worker, store_url
+from .schemas import V1_DDL
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -94,35 +95,6 @@ def schema(path: Path) -> list[tuple[Any, ...]]:
 
 
 # --- the migration ---------------------------------------------------------------------------
-
-# The version-1 schema, exactly as turnbuckle made it before the session tables existed.
-V1_DDL = (
-    "CREATE TABLE tb_meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL) STRICT",
-    "INSERT INTO tb_meta (key, value) VALUES ('open_count', 0)",
-    """CREATE TABLE tasks (
-        task_id TEXT PRIMARY KEY NOT NULL,
-        session_id TEXT,
-        status TEXT NOT NULL,
-        status_message TEXT,
-        created_at TEXT NOT NULL,
-        created_ms INTEGER NOT NULL,
-        last_updated_at TEXT NOT NULL,
-        updated_ms INTEGER NOT NULL,
-        ttl INTEGER,
-        expires_ms INTEGER,
-        poll_interval INTEGER,
-        original_method TEXT NOT NULL,
-        original_params TEXT,
-        result TEXT,
-        meta TEXT,
-        version INTEGER NOT NULL
-    ) STRICT""",
-    "CREATE INDEX tasks_by_created ON tasks (created_ms, task_id)",
-    "CREATE INDEX tasks_by_session ON tasks (session_id, created_ms, task_id)"
-    " WHERE session_id IS NOT NULL",
-    "CREATE INDEX tasks_by_expiry ON tasks (expires_ms) WHERE expires_ms IS NOT NULL",
-    "CREATE INDEX tasks_live ON tasks (updated_ms) WHERE status IN ('working', 'input_required')",
-)
 
 
 def make_v1_file(path: Path) -> None:
