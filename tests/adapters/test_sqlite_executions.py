@@ -7,7 +7,6 @@ import contextlib
 import itertools
 import multiprocessing
 import os
-import threading
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from turnbuckle.sansio.execution import ExecutionState, FailureClass, FrameKind,
 from turnbuckle.testing import FakeClock, SeededIds
 
 from ..figures import record as record_figures
-from ..reliability._shared import reap
+from ..reliability._shared import race_in_threads, reap
 from ._execution_children import LANE, execution_worker
 from .schemas import V1_DDL, V2_DDL
 
@@ -243,26 +242,13 @@ async def test_an_old_file_is_upgraded_to_serve_executions(tmp_path: Path, versi
 def test_concurrent_opens_of_a_version_2_file_agree_on_one_identity(tmp_path: Path) -> None:
     path = trio.run(make_old_file, tmp_path, 2)
     openers = 8
-    barrier = threading.Barrier(openers, timeout=WAIT_S)
-    outcomes: dict[int, Any] = {}
 
     async def open_and_claim(n: int) -> str:
         async with turnbuckle.open_store(store_url(path)) as store:
             store_id, _ = await use_executions(store, f"ex-{n}")
             return store_id
 
-    def opener(n: int) -> None:
-        barrier.wait()
-        try:
-            outcomes[n] = trio.run(open_and_claim, n)
-        except BaseException as exc:
-            outcomes[n] = exc
-
-    threads = [threading.Thread(target=opener, args=(n,)) for n in range(openers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(WAIT_S)
+    outcomes = race_in_threads(openers, open_and_claim)
     assert len(set(outcomes.values())) == 1 and len(outcomes) == openers, outcomes
     assert sql(path, "SELECT value FROM tb_identity") == [(outcomes[0],)]
     assert sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]

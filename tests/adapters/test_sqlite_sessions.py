@@ -60,7 +60,7 @@ from turnbuckle.sansio.session import blob_ref
 from turnbuckle.testing import FakeClock, SeededIds
 
 from ..figures import record as record_figures
-from ..reliability._shared import reap
+from ..reliability._shared import race_in_threads, reap
 from ._session_children import TTL_MS, WAIT_S, Round, race_worker, store_url
 from .schemas import V1_DDL
 
@@ -173,26 +173,13 @@ def test_concurrent_opens_of_a_version_1_file_all_succeed(tmp_path: Path) -> Non
     path = tmp_path / "v1-race.db"
     make_v1_file(path)
     openers = 8
-    barrier = threading.Barrier(openers, timeout=WAIT_S)
-    outcomes: dict[int, Any] = {}
 
     async def open_and_use(n: int) -> int:
         async with turnbuckle.open_store(store_url(path)) as store:
             assert await store.tasks.get_task("old-task") is not None
             return (await store.sessions.enqueue(draft(f"s{n}"))).enqueue_seq
 
-    def opener(n: int) -> None:
-        barrier.wait()
-        try:
-            outcomes[n] = trio.run(open_and_use, n)
-        except BaseException as exc:
-            outcomes[n] = exc
-
-    threads = [threading.Thread(target=opener, args=(n,)) for n in range(openers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(WAIT_S)
+    outcomes = race_in_threads(openers, open_and_use)
     assert sorted(outcomes.values()) == list(range(1, openers + 1)), outcomes
     assert sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert sql(path, "PRAGMA integrity_check") == [("ok",)]
@@ -552,25 +539,12 @@ async def test_gc_keeps_live_checkpoint_blobs_and_survives_a_corrupt_manifest(
 def test_16_concurrent_first_opens_serve_sessions(tmp_path: Path) -> None:
     path = tmp_path / "first.db"
     openers = 16
-    barrier = threading.Barrier(openers, timeout=WAIT_S)
-    outcomes: dict[int, Any] = {}
 
     async def open_and_enqueue(n: int) -> int:
         async with turnbuckle.open_store(store_url(path)) as store:
             return (await store.sessions.enqueue(draft("s", f"opener-{n}"))).enqueue_seq
 
-    def opener(n: int) -> None:
-        barrier.wait()
-        try:
-            outcomes[n] = trio.run(open_and_enqueue, n)
-        except BaseException as exc:
-            outcomes[n] = exc
-
-    threads = [threading.Thread(target=opener, args=(n,)) for n in range(openers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(WAIT_S)
+    outcomes = race_in_threads(openers, open_and_enqueue)
     assert sorted(outcomes.values()) == list(range(1, openers + 1)), outcomes
     assert sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 

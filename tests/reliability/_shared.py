@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import multiprocessing.process
 import multiprocessing.queues
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import trio
 
 import turnbuckle
 from turnbuckle import TaskRecord
 
 from ._children import WAIT_S, store_url
+
+T = TypeVar("T")
 
 
 async def read_all(path: Path) -> dict[str, TaskRecord]:
@@ -39,3 +45,24 @@ def reap(
             proc.join()
     results.close()
     results.join_thread()
+
+
+def race_in_threads(count: int, run: Callable[[int], Awaitable[T]]) -> dict[int, T | BaseException]:
+    """Start ``count`` threads at a barrier, each running ``run(n)`` in its own event loop (and
+    so with its own store handle); return each thread's result or exception by ``n``."""
+    barrier = threading.Barrier(count, timeout=WAIT_S)
+    outcomes: dict[int, T | BaseException] = {}
+
+    def racer(n: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[n] = trio.run(run, n)
+        except BaseException as exc:
+            outcomes[n] = exc
+
+    threads = [threading.Thread(target=racer, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S)
+    return outcomes
