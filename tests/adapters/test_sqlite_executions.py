@@ -3,8 +3,6 @@ the schema's index use, agreement with the memory store, and workers in several 
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import multiprocessing
 import os
 from collections import Counter, defaultdict
@@ -40,15 +38,15 @@ from turnbuckle.adapters.sqlite import (
 )
 from turnbuckle.errors import ForeignHandle
 from turnbuckle.sansio.execution import ExecutionState, FailureClass, FrameKind, RetryPolicy
-from turnbuckle.testing import FakeClock, SeededIds
+from turnbuckle.testing import FakeClock
 
 from ..figures import record as record_figures
 from ..reliability._shared import race_in_threads, reap
 from ._execution_children import LANE, execution_worker
+from .factories import side_by_side
 from .schemas import V1_DDL, V2_DDL
 
 WAIT_S = 60.0
-_files = itertools.count()
 
 
 def store_url(path: object) -> str:
@@ -645,23 +643,8 @@ async def outcome(store: turnbuckle.Store, clock: FakeClock, handles: list[Any],
 )
 @given(ops=operations)
 async def test_executions_agree_with_the_memory_store(tmp_path: Path, ops: list[Any]) -> None:
-    clocks = [FakeClock(), FakeClock()]
     handles: list[list[Any]] = [[], []]
-    async with contextlib.AsyncExitStack() as stack:
-        stores = [
-            await stack.enter_async_context(
-                turnbuckle.open_store("memory://", clock=clocks[0], ids=SeededIds(1))
-            ),
-            await stack.enter_async_context(
-                turnbuckle.open_store(
-                    f"sqlite:///{tmp_path}/diff-{next(_files)}.db",
-                    clock=clocks[1],
-                    ids=SeededIds(1),
-                    durability="process",
-                    verify_on_open=False,
-                )
-            ),
-        ]
+    async with side_by_side(tmp_path) as (stores, clocks):
         for op in ops:
             results = [
                 await outcome(store, clock, mine, op)

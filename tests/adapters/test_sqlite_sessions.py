@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import multiprocessing
 import queue
 import threading
@@ -57,11 +55,12 @@ from turnbuckle import (
 )
 from turnbuckle.adapters.sqlite import APPLICATION_ID, SCHEMA_VERSION
 from turnbuckle.sansio.session import blob_ref
-from turnbuckle.testing import FakeClock, SeededIds
+from turnbuckle.testing import FakeClock
 
 from ..figures import record as record_figures
 from ..reliability._shared import race_in_threads, reap
 from ._session_children import TTL_MS, WAIT_S, Round, race_worker, store_url
+from .factories import side_by_side
 from .schemas import V1_DDL
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -621,7 +620,6 @@ async def test_everything_survives_a_reopen(tmp_path: Path) -> None:
 
 SESSIONS = ["s1", "s2"]
 NODE_IDS = ["n1", "n2", "n3"]
-_files = itertools.count()
 
 _session = st.sampled_from(SESSIONS)
 #: Which handle to present: "latest" (this session's newest, the usual case), "none", or an
@@ -919,22 +917,7 @@ class Driver:
 async def test_sessions_agree_with_the_memory_store(
     tmp_path: Path, ops: list[tuple[Any, ...]]
 ) -> None:
-    clocks = [FakeClock(), FakeClock()]
-    async with contextlib.AsyncExitStack() as stack:
-        stores = [
-            await stack.enter_async_context(
-                turnbuckle.open_store("memory://", clock=clocks[0], ids=SeededIds(1))
-            ),
-            await stack.enter_async_context(
-                turnbuckle.open_store(
-                    store_url(tmp_path / f"diff-{next(_files)}.db"),
-                    clock=clocks[1],
-                    ids=SeededIds(1),
-                    durability="process",
-                    verify_on_open=False,
-                )
-            ),
-        ]
+    async with side_by_side(tmp_path) as (stores, clocks):
         drivers = [Driver(store, clock) for store, clock in zip(stores, clocks, strict=True)]
         for op in ops:
             results = [await driver.outcome(op) for driver in drivers]

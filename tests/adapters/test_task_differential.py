@@ -3,8 +3,6 @@ adapter (results and error types alike), with the in-memory store as the referen
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +11,12 @@ from hypothesis import strategies as st
 
 import turnbuckle
 from turnbuckle import TaskRecord, TaskRpcError, TaskStatus, TaskSuccess, TurnbuckleError
-from turnbuckle.testing import FakeClock, SeededIds
+from turnbuckle.testing import FakeClock
+
+from .factories import side_by_side
 
 IDS = ["a", "b", "c", "d"]
 SESSIONS = [None, "s1", "s2"]
-_files = itertools.count()
 
 operations = st.lists(
     st.one_of(
@@ -111,22 +110,7 @@ async def outcome(store: turnbuckle.Store, clock: FakeClock, op: tuple[Any, ...]
 )
 @given(ops=operations)
 async def test_adapters_agree(tmp_path: Path, ops: list[tuple[Any, ...]]) -> None:
-    clocks = [FakeClock(), FakeClock()]
-    async with contextlib.AsyncExitStack() as stack:
-        stores = [
-            await stack.enter_async_context(
-                turnbuckle.open_store("memory://", clock=clocks[0], ids=SeededIds(1))
-            ),
-            await stack.enter_async_context(
-                turnbuckle.open_store(
-                    f"sqlite:///{tmp_path}/diff-{next(_files)}.db",
-                    clock=clocks[1],
-                    ids=SeededIds(1),
-                    durability="process",
-                    verify_on_open=False,
-                )
-            ),
-        ]
+    async with side_by_side(tmp_path) as (stores, clocks):
         for op in ops:
             results = [
                 await outcome(store, clock, op) for store, clock in zip(stores, clocks, strict=True)
