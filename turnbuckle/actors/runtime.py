@@ -42,6 +42,7 @@ import anyio.abc
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from turnbuckle.actors.worker import open_worker
 from turnbuckle.adapters.store import Store
 from turnbuckle.errors import (
     InvalidArgument,
@@ -276,8 +277,6 @@ class Runtime:
     ) -> contextlib.AbstractAsyncContextManager[None]:
         """Run executions of ``lane`` on this runtime's store (see
         :func:`turnbuckle.actors.worker.open_worker`)."""
-        from turnbuckle.actors.worker import open_worker
-
         return open_worker(
             self.store,
             lane,

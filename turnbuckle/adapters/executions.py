@@ -409,7 +409,7 @@ class ExecutionFacet:
             ForeignHandle: another store issued the handle.
         """
         return await self._fenced(
-            handle, "renewed", lambda row, now: renew_execution(row, handle, now_ms=now)
+            handle, "renewed", lambda row, now, _: renew_execution(row, handle, now_ms=now)
         )
 
     async def complete(self, handle: Handle, result: JSON = None) -> None:
@@ -423,7 +423,7 @@ class ExecutionFacet:
         await self._fenced(
             handle,
             "revoked",
-            lambda row, now: complete_execution(row, handle, encoded, now_ms=now),
+            lambda row, now, _: complete_execution(row, handle, encoded, now_ms=now),
             completion="completed",
         )
 
@@ -447,9 +447,7 @@ class ExecutionFacet:
             outcome.append(what)
             return new
 
-        await self._fenced(
-            handle, "revoked", decide, completion=lambda: outcome[-1], with_table=True
-        )
+        await self._fenced(handle, "revoked", decide, completion=lambda: outcome[-1])
         return outcome[-1]
 
     async def progress(
@@ -465,7 +463,7 @@ class ExecutionFacet:
         if pct is not None and (type(pct) is not int or not 0 <= pct <= 100):
             raise InvalidArgument(f"progress percent must be an int from 0 to 100, got {pct!r}")
         await self._fenced(
-            handle, None, lambda row, now: report_progress(row, handle, pct, message, now_ms=now)
+            handle, None, lambda row, now, _: report_progress(row, handle, pct, message, now_ms=now)
         )
 
     async def append_frame(
@@ -486,7 +484,7 @@ class ExecutionFacet:
             encode_json(summary_patch, limit=self._limit)
         limit, seq = self._limit, [0]
 
-        def decide(row: ExecutionRow, now: int) -> ExecutionRow:
+        def decide(row: ExecutionRow, now: int, _: ExecutionTable) -> ExecutionRow:
             check_handle(row, handle, now_ms=now)
             new = (
                 row
@@ -585,11 +583,10 @@ class ExecutionFacet:
         self,
         handle: Handle,
         lease_event: str | None,
-        decide: Callable[..., ExecutionRow | None],
+        decide: Callable[[ExecutionRow, int, ExecutionTable], ExecutionRow | None],
         *,
         completion: str | Callable[[], str] | None = None,
         after: Callable[[ExecutionTable, ExecutionRow, int], None] | None = None,
-        with_table: bool = False,
     ) -> bool:
         if not isinstance(handle, Handle):
             raise InvalidArgument(f"expected a Handle, got {handle!r}")
@@ -601,7 +598,7 @@ class ExecutionFacet:
             row = table.execution(handle.execution_id)
             if row is None:
                 raise ExecutionNotFound(handle.execution_id)
-            new = decide(row, now, table) if with_table else decide(row, now)
+            new = decide(row, now, table)
             if new is not None:
                 self._write(table, row, new)
                 if after is not None:
