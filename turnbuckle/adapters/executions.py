@@ -12,7 +12,7 @@ from typing import Protocol, TypeVar
 
 import attrs
 
-from turnbuckle.adapters.linked import sync_task
+from turnbuckle.adapters.linked import cancel_execution, sync_task
 from turnbuckle.adapters.tasks import Clock
 from turnbuckle.errors import (
     ConcurrentModification,
@@ -149,6 +149,13 @@ class ExecutionRunner(Protocol):
     async def run(self, fn: Callable[[ExecutionTable], T], *, writes: bool) -> T: ...
 
 
+def _existing(table: ExecutionTable, execution_id: str) -> ExecutionRow:
+    row = table.execution(execution_id)
+    if row is None:
+        raise ExecutionNotFound(execution_id)
+    return row
+
+
 def _info(row: ExecutionRow, cancel: bool, now_ms: int) -> ExecutionInfo:
     try:
         payload = None if row.payload is None else decode_json(row.payload)
@@ -245,9 +252,7 @@ class ExecutionFacet:
         now = self._clock.now_ms()
 
         def op(table: ExecutionTable) -> ExecutionInfo:
-            row = table.execution(execution_id)
-            if row is None:
-                raise ExecutionNotFound(execution_id)
+            row = _existing(table, execution_id)
             return _info(row, table.cancel_requested(execution_id), now)
 
         return await self._run(op, writes=False)
@@ -263,25 +268,10 @@ class ExecutionFacet:
         now = self._clock.now_ms()
 
         def op(table: ExecutionTable) -> ExecutionInfo:
-            row = table.execution(execution_id)
-            if row is None:
-                raise ExecutionNotFound(execution_id)
-            if row.phase == "runnable":
-                done = attrs.evolve(
-                    row,
-                    phase="terminal",
-                    outcome="cancelled",
-                    failure="cancelled before it ran",
-                    version=row.version + 1,
-                )
-                self._write(table, row, done)
-                table.add_event(
-                    "completion", execution_id, "cancelled", row.attempt_index, row.lease_epoch, now
-                )
-                row = done
-            elif row.phase == "active":
-                table.request_cancel(execution_id)
-            return _info(row, table.cancel_requested(execution_id), now)
+            row = _existing(table, execution_id)
+            done = cancel_execution(table, row, "cancelled before it ran", now)
+            sync_task(table, row, done, now)
+            return _info(done, table.cancel_requested(execution_id), now)
 
         return await self._run(op, writes=True)
 
@@ -342,9 +332,7 @@ class ExecutionFacet:
         now, backend = self._clock.now_ms(), self.backend_name
 
         def op(table: ExecutionTable) -> Handle | None:
-            row = table.execution(execution_id)
-            if row is None:
-                raise ExecutionNotFound(execution_id)
+            row = _existing(table, execution_id)
             got = reclaim_execution(
                 row, worker_id, lease_ttl_ms, now_ms=now, store_id=table.store_id(), backend=backend
             )
@@ -520,8 +508,7 @@ class ExecutionFacet:
         check_int64("limit", limit, minimum=1)
 
         def op(table: ExecutionTable) -> list[Frame]:
-            if table.execution(execution_id) is None:
-                raise ExecutionNotFound(execution_id)
+            _existing(table, execution_id)
             out = []
             for frame, text in table.frames(execution_id, after, min(limit, 1000)):
                 try:
@@ -544,9 +531,7 @@ class ExecutionFacet:
         check_text("execution_id", execution_id)
 
         def op(table: ExecutionTable) -> tuple[JSON, int] | None:
-            row = table.execution(execution_id)
-            if row is None:
-                raise ExecutionNotFound(execution_id)
+            row = _existing(table, execution_id)
             if row.summary is None:
                 return None
             try:
@@ -595,9 +580,7 @@ class ExecutionFacet:
         def op(table: ExecutionTable) -> bool:
             if handle.backend != backend or handle.store_id != table.store_id():
                 raise ForeignHandle(handle.backend, handle.store_id)
-            row = table.execution(handle.execution_id)
-            if row is None:
-                raise ExecutionNotFound(handle.execution_id)
+            row = _existing(table, handle.execution_id)
             new = decide(row, now, table)
             if new is not None:
                 self._write(table, row, new)

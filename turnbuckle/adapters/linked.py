@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import attrs
 
-from turnbuckle.errors import TerminalState
+from turnbuckle.errors import ConcurrentModification, TerminalState
 from turnbuckle.sansio.codec import decode_json
 from turnbuckle.sansio.execution import ExecutionRow
 from turnbuckle.sansio.task import (
@@ -27,7 +27,7 @@ from turnbuckle.sansio.task import (
     encode_outcome,
 )
 
-__all__ = ["cancel_linked_execution", "sync_task", "task_execution_id"]
+__all__ = ["cancel_execution", "cancel_linked_execution", "sync_task", "task_execution_id"]
 
 _PREFIX: Final = "task:"
 #: JSON-RPC "internal error": what a task whose execution failed answers on tasks/result.
@@ -79,23 +79,30 @@ def sync_task(table: Any, old: ExecutionRow, new: ExecutionRow, now_ms: int) -> 
 
 
 def cancel_linked_execution(table: Any, task_id: str, now_ms: int) -> None:
-    """Stop the execution behind a task being cancelled: a runnable one never starts, a running
-    one's worker sees the request at its next renewal."""
-    execution_id = task_execution_id(task_id)
-    row = table.execution(execution_id)
-    if row is None:
-        return
+    """Stop the execution behind a task being cancelled (see :func:`cancel_execution`)."""
+    row = table.execution(task_execution_id(task_id))
+    if row is not None:
+        cancel_execution(table, row, "cancelled with its task", now_ms)
+
+
+def cancel_execution(table: Any, row: ExecutionRow, failure: str, now_ms: int) -> ExecutionRow:
+    """Cancel ``row`` in the open transaction and return it as it now stands: a runnable
+    execution ends at once (``failure`` says why), a running one's worker sees the request at
+    its next renewal, a finished one is left alone.
+
+    Raises:
+        ConcurrentModification: the row changed under the transaction.
+    """
     if row.phase == "runnable":
         done = attrs.evolve(
-            row,
-            phase="terminal",
-            outcome="cancelled",
-            failure="cancelled with its task",
-            version=row.version + 1,
+            row, phase="terminal", outcome="cancelled", failure=failure, version=row.version + 1
         )
-        table.replace_execution(done, row.version)
+        if not table.replace_execution(done, row.version):
+            raise ConcurrentModification(row.execution_id)
         table.add_event(
-            "completion", execution_id, "cancelled", row.attempt_index, row.lease_epoch, now_ms
+            "completion", row.execution_id, "cancelled", row.attempt_index, row.lease_epoch, now_ms
         )
-    elif row.phase == "active":
-        table.request_cancel(execution_id)
+        return done
+    if row.phase == "active":
+        table.request_cancel(row.execution_id)
+    return row
