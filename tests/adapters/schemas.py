@@ -1,6 +1,11 @@
-"""Frozen copies of older store schemas, for the upgrade tests."""
+"""Frozen copies of older store schemas, and raw-file helpers, for the upgrade tests."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import apsw
 
 # The version-1 and version-2 schemas, exactly as turnbuckle made them (frozen here, so a later
 # change to the live DDL cannot silently change what "a version-2 file" means to these tests).
@@ -109,3 +114,20 @@ V2_DDL = (
     ) STRICT""",
     "INSERT INTO tb_meta (key, value) VALUES ('enqueue_seq', 0)",
 )
+
+
+def sql(path: Path, *statements: str) -> list[tuple[Any, ...]]:
+    """Run statements on a separate raw connection (closed again); the rows of the last one."""
+    conn = apsw.Connection(str(path))
+    try:
+        rows: list[tuple[Any, ...]] = []
+        for statement in statements:
+            rows = list(conn.execute(statement))  # drained here: apsw cursors are lazy
+        return rows
+    finally:
+        conn.close()
+
+
+def schema(path: Path) -> list[tuple[Any, ...]]:
+    """Every schema object of the file at ``path``, in a stable order."""
+    return sql(path, "SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY type, name")

@@ -9,7 +9,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-import apsw
 import attrs
 import pytest
 import trio
@@ -43,31 +42,9 @@ from turnbuckle.testing import FakeClock
 from ..figures import record as record_figures
 from ..reliability._shared import race_in_threads, reap
 from ._execution_children import LANE, execution_worker
+from ._session_children import WAIT_S, store_url
 from .factories import side_by_side
-from .schemas import V1_DDL, V2_DDL
-
-WAIT_S = 60.0
-
-
-def store_url(path: object) -> str:
-    return "sqlite:///" + str(path)
-
-
-def sql(path: Path, *statements: str) -> list[tuple[Any, ...]]:
-    """Run statements on a separate raw connection; the rows of the last one."""
-    conn = apsw.Connection(str(path))
-    try:
-        rows: list[tuple[Any, ...]] = []
-        for statement in statements:
-            rows = list(conn.execute(statement))
-        return rows
-    finally:
-        conn.close()
-
-
-def schema(path: Path) -> list[tuple[Any, ...]]:
-    return sql(path, "SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY type, name")
-
+from .schemas import V1_DDL, V2_DDL, schema, sql
 
 #: What version 3 added to the schema.
 V3_OBJECTS = {

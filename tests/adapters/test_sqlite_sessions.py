@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import apsw
 import attrs
 import pytest
 import trio
@@ -61,21 +60,9 @@ from ..figures import record as record_figures
 from ..reliability._shared import race_in_threads, reap
 from ._session_children import TTL_MS, WAIT_S, Round, race_worker, store_url
 from .factories import side_by_side
-from .schemas import V1_DDL
+from .schemas import V1_DDL, schema, sql
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def sql(path: Path, *statements: str) -> list[tuple[Any, ...]]:
-    """Run statements on a separate raw connection; the rows of the last one."""
-    conn = apsw.Connection(str(path))
-    try:
-        rows: list[tuple[Any, ...]] = []
-        for statement in statements:
-            rows = list(conn.execute(statement))
-        return rows
-    finally:
-        conn.close()
 
 
 def draft(session_id: str, text: str = "work", **changes: Any) -> QueuedWorkDraft:
@@ -87,10 +74,6 @@ def draft(session_id: str, text: str = "work", **changes: Any) -> QueuedWorkDraf
         **changes,
     }
     return QueuedWorkDraft(**fields)
-
-
-def schema(path: Path) -> list[tuple[Any, ...]]:
-    return sql(path, "SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY type, name")
 
 
 # --- the migration ---------------------------------------------------------------------------

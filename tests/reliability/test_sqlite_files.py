@@ -32,6 +32,7 @@ from turnbuckle import (
 )
 from turnbuckle.adapters.sqlite import APPLICATION_ID, SCHEMA_VERSION
 
+from ..adapters.schemas import sql
 from ..figures import record as record_figures
 from ._children import store_url
 
@@ -52,18 +53,6 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def write_bytes(path: Path, data: bytes) -> None:
     path.write_bytes(data)
-
-
-def sql(path: Path, *statements: str) -> list[tuple[object, ...]]:
-    """Run statements on a plain apsw connection (closed again); the last one's rows."""
-    conn = apsw.Connection(str(path))
-    try:
-        rows: list[tuple[object, ...]] = []
-        for statement in statements:
-            rows = [tuple(row) for row in conn.execute(statement)]  # drain: apsw is lazy
-        return rows
-    finally:
-        conn.close()
 
 
 async def make_store(path: Path, tasks: int, pad: int = 0) -> None:
