@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import apsw
 import pytest
 import trio
 
 from turnbuckle import TaskRecord, TaskStatus
 
+from ..adapters.schemas import sql
 from ..figures import record
 from . import _children
 from ._children import crash_outcome
@@ -82,14 +82,6 @@ def run_writer_and_kill(
     return created, completed, delay
 
 
-def integrity(path: Path) -> list[tuple[object, ...]]:
-    conn = apsw.Connection(str(path))
-    try:
-        return [tuple(row) for row in conn.execute("PRAGMA integrity_check")]
-    finally:
-        conn.close()
-
-
 def index_of(task_id: str) -> int:
     return int(task_id.rsplit("-", 1)[1])
 
@@ -138,7 +130,7 @@ def test_kill9_loses_no_acknowledged_write(tmp_path: Path, durability: str) -> N
                 assert task.status is TaskStatus.WORKING, f"{task_id}: {task}; {where}"
                 assert task.result is None, f"{task_id}: {task}; {where}"
         assert len(found) == len(previous) + len(mine), f"foreign tasks appeared; {where}"
-        assert integrity(path) == [("ok",)], f"integrity_check failed; {where}"
+        assert sql(path, "PRAGMA integrity_check") == [("ok",)], f"integrity_check failed; {where}"
         previous = found
 
     assert totals["created"] > 0 and totals["completed"] > 0, f"nothing acknowledged: {totals}"

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
 import trio
 
@@ -32,6 +31,7 @@ import turnbuckle
 import turnbuckle.adapters.sqlite as sqlite_adapter
 from turnbuckle import TaskRecord, TaskStatus, TaskSuccess
 
+from ..adapters.schemas import sql
 from ..figures import record as record_figures
 from ._children import store_url
 from ._powerloss import ApswProxy, PowerLossVFS
@@ -107,14 +107,6 @@ def present_ops(found: dict[str, TaskRecord], prefix: str) -> set[Op]:
     return present
 
 
-def integrity(path: Path) -> list[tuple[object, ...]]:
-    conn = apsw.Connection(str(path))
-    try:
-        return [tuple(row) for row in conn.execute("PRAGMA integrity_check")]
-    finally:
-        conn.close()
-
-
 def run_cycles(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -156,7 +148,7 @@ def run_cycles(
         )
 
         found = trio.run(read_all, path)  # the real VFS: quick_check, WAL recovery
-        assert integrity(path) == [("ok",)], f"integrity_check failed; {where}"
+        assert sql(path, "PRAGMA integrity_check") == [("ok",)], f"integrity_check failed; {where}"
         gone = sorted(k for k in previous if found.get(k) != previous[k])
         assert not gone, f"earlier tasks lost or changed: {gone[:5]}; {where}"
         present = present_ops(found, prefix)
