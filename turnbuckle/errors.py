@@ -32,6 +32,8 @@ __all__ = [
     "PayloadNotSerializable",
     "PayloadTooLarge",
     "QueuedWorkClaimExpired",
+    "QueuedWorkNotFound",
+    "QueuedWorkParked",
     "QueuedWorkSourceKeyConflict",
     "RuntimeTurnCommitConflict",
     "SessionBindingMismatch",
@@ -220,14 +222,42 @@ class QueuedWorkClaimExpired(SessionError):
 
 
 class QueuedWorkSourceKeyConflict(SessionError):
-    """A batch with this source key was already enqueued with different content."""
+    """A batch with this source key was already enqueued with different content; ``batch_id``
+    is the original batch, which is kept as it was."""
 
-    _fields = ("session_id", "source_key")
+    _fields = ("session_id", "source_key", "batch_id")
     _template = (
         "session {session_id!r}: source key {source_key!r} was already used for different work"
+        " (batch {batch_id!r})"
     )
     session_id: str
     source_key: str
+    batch_id: str
+
+
+class QueuedWorkNotFound(SessionError):
+    """No queued or delivered batch has this id in the session (it was cancelled, or never
+    existed)."""
+
+    _fields = ("session_id", "batch_id")
+    _template = "session {session_id!r} has no queued or delivered work {batch_id!r}"
+    session_id: str
+    batch_id: str
+
+
+class QueuedWorkParked(SessionError):
+    """The batch was parked (dead-lettered) after ``failures`` failed turns; ``last_error`` says
+    why the last one failed. It stays parked, visible, until it is resubmitted or cancelled."""
+
+    _fields = ("session_id", "batch_id", "failures", "last_error")
+    _template = (
+        "session {session_id!r}: work {batch_id!r} was parked after {failures} failed turns;"
+        " the last failed with: {last_error}"
+    )
+    session_id: str
+    batch_id: str
+    failures: int
+    last_error: str
 
 
 class HeadRevisionConflict(SessionError):

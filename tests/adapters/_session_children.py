@@ -30,7 +30,8 @@ TTL_MS = 60_000
 #: - "cas-own": each racer claims the lease as itself and commits with release: the lease
 #:   decides first, the CAS backs it up.
 #: - "claim": each racer claims the lease, claims the session's one queued batch, and releases
-#:   the lease (the queue claim stays live).
+#:   the lease: the claim stays live until the next grant, which voids it, so in the end only
+#:   the last claim holds the batch.
 Round = tuple[str, str]
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import apsw
 
-# The version-1 and version-2 schemas, exactly as turnbuckle made them (frozen here, so a later
+# The version-1, -2 and -3 schemas, exactly as turnbuckle made them (frozen here, so a later
 # change to the live DDL cannot silently change what "a version-2 file" means to these tests).
 V1_DDL = (
     "CREATE TABLE tb_meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL) STRICT",
@@ -115,6 +115,71 @@ V2_DDL = (
     "INSERT INTO tb_meta (key, value) VALUES ('enqueue_seq', 0)",
 )
 
+V3_DDL = (
+    """CREATE TABLE tb_identity (
+        key TEXT PRIMARY KEY NOT NULL,
+        value TEXT NOT NULL
+    ) STRICT""",
+    "INSERT INTO tb_identity (key, value) VALUES ('store_id', lower(hex(randomblob(8))))",
+    # One row per execution: ExecutionRow's fields, capabilities as a JSON array of str.
+    """CREATE TABLE executions (
+        execution_id TEXT PRIMARY KEY NOT NULL,
+        lane TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        capabilities TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        payload TEXT,
+        phase TEXT NOT NULL,
+        attempt_index INTEGER NOT NULL,
+        lease_epoch INTEGER NOT NULL,
+        worker_id TEXT,
+        lease_expires_at_ms INTEGER,
+        lease_ttl_ms INTEGER NOT NULL,
+        not_before_ms INTEGER NOT NULL,
+        outcome TEXT,
+        result TEXT,
+        failure TEXT,
+        progress_pct INTEGER,
+        progress_message TEXT,
+        max_attempts INTEGER NOT NULL,
+        base_backoff_ms INTEGER NOT NULL,
+        max_backoff_ms INTEGER NOT NULL,
+        summary TEXT,
+        summary_version INTEGER NOT NULL,
+        frame_count INTEGER NOT NULL,
+        version INTEGER NOT NULL
+    ) STRICT""",
+    # A claim's candidates, best first: only runnable rows, so finished ones cost it nothing.
+    "CREATE INDEX executions_runnable ON executions"
+    " (lane, priority DESC, created_at_ms, execution_id) WHERE phase = 'runnable'",
+    # Running ones by lease expiry, oldest first (what a reclaim sweep looks at).
+    "CREATE INDEX executions_expiring ON executions"
+    " (lane, ifnull(lease_expires_at_ms, 0), execution_id) WHERE phase = 'active'",
+    """CREATE TABLE execution_frames (
+        execution_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        attempt_index INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (execution_id, seq)
+    ) STRICT""",
+    # The outbox: AUTOINCREMENT, so an event id is never given out twice.
+    """CREATE TABLE execution_events (
+        event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream TEXT NOT NULL,
+        execution_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        attempt_index INTEGER NOT NULL,
+        lease_epoch INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL
+    ) STRICT""",
+    "CREATE INDEX execution_events_by_stream ON execution_events (stream, event_id)",
+    """CREATE TABLE execution_cancels (
+        execution_id TEXT PRIMARY KEY NOT NULL
+    ) STRICT""",
+)
+
 
 def sql(path: Path, *statements: str) -> list[tuple[Any, ...]]:
     """Run statements on a separate raw connection (closed again); the rows of the last one."""
@@ -126,6 +191,27 @@ def sql(path: Path, *statements: str) -> list[tuple[Any, ...]]:
         return rows
     finally:
         conn.close()
+
+
+def columns(ddl: tuple[str, ...], table: str) -> list[str]:
+    """The columns ``table`` has under the schema ``ddl``."""
+    conn = apsw.Connection(":memory:")
+    try:
+        for statement in ddl:
+            conn.execute(statement)
+        return [str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})")]
+    finally:
+        conn.close()
+
+
+def copy_rows(ddl: tuple[str, ...], tables: tuple[str, ...]) -> list[str]:
+    """Statements copying ``tables`` from an attached ``scratch`` database (made by today's
+    code) into ``main`` (made with the older ``ddl``): the columns that version had."""
+    statements = []
+    for table in tables:
+        names = ", ".join(columns(ddl, table))
+        statements.append(f"INSERT INTO main.{table} ({names}) SELECT {names} FROM scratch.{table}")
+    return statements
 
 
 def schema(path: Path) -> list[tuple[Any, ...]]:

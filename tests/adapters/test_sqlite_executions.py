@@ -44,8 +44,15 @@ from ..reliability._shared import race_in_threads, reap
 from ._execution_children import LANE, execution_worker
 from ._session_children import WAIT_S, store_url
 from .factories import side_by_side
-from .schemas import V1_DDL, V2_DDL, schema, sql
+from .schemas import V1_DDL, V2_DDL, copy_rows, schema, sql
 
+#: What version 4 added to the schema (and it added columns to queued_work).
+V4_OBJECTS = {
+    "queued_work_parked",
+    "queued_work_deliveries",
+    "sqlite_autoindex_queued_work_deliveries_1",
+    "queued_work_deliveries_by_source",
+}
 #: What version 3 added to the schema.
 V3_OBJECTS = {
     "tb_identity",
@@ -151,7 +158,7 @@ async def make_old_file(tmp_path: Path, version: int) -> Path:
         # Only the counters that version had (a later migration adds the others).
         "INSERT OR REPLACE INTO main.tb_meta SELECT * FROM scratch.tb_meta"
         " WHERE key IN (SELECT key FROM main.tb_meta)",
-        *(f"INSERT INTO main.{t} SELECT * FROM scratch.{t}" for t in tables[1:]),
+        *copy_rows(ddl, tables[1:]),
         "COMMIT",
         "DETACH DATABASE scratch",
         "PRAGMA journal_mode = WAL",
@@ -178,16 +185,18 @@ async def use_executions(store: turnbuckle.Store, execution_id: str) -> tuple[st
 
 @pytest.mark.parametrize("version", [1, 2])
 async def test_an_old_file_is_upgraded_to_serve_executions(tmp_path: Path, version: int) -> None:
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     path = await make_old_file(tmp_path, version)
     fresh = tmp_path / "fresh.db"
     async with turnbuckle.open_store(store_url(fresh)):
         pass
     # The frozen DDL is what the code made at that version: today's schema without the
-    # objects later versions added.
-    later = V3_OBJECTS if version == 2 else None
-    if later is not None:
-        assert schema(path) == [r for r in schema(fresh) if r[1] not in later]
+    # objects later versions added (and without the columns version 4 added to queued_work).
+    if version == 2:
+        later = {*V3_OBJECTS, *V4_OBJECTS, "queued_work"}
+        assert [r for r in schema(path) if r[1] != "queued_work"] == [
+            r for r in schema(fresh) if r[1] not in later
+        ]
     async with turnbuckle.open_store(store_url(path)) as store:
         store_id, _ = await use_executions(store, "ex-1")
         task = await store.tasks.get_task("old-task")
@@ -206,7 +215,7 @@ async def test_an_old_file_is_upgraded_to_serve_executions(tmp_path: Path, versi
     # The upgraded file has exactly the schema of a file made new, and one identity.
     assert schema(path) == schema(fresh)
     assert sql(path, "SELECT key, value FROM tb_identity") == [("store_id", store_id)]
-    # It opens again as a plain version-3 file, with the same identity.
+    # It opens again as a plain current-version file, with the same identity.
     async with turnbuckle.open_store(store_url(path)) as store:
         again, _ = await use_executions(store, "ex-2")
         assert again == store_id

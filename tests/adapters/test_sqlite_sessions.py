@@ -37,6 +37,7 @@ from turnbuckle import (
     GraphUnchanged,
     InvalidArgument,
     MergeKey,
+    QueuedWorkClaimExpired,
     QueuedWorkDraft,
     RuntimeCommit,
     SessionExecutionLeaseExpired,
@@ -124,7 +125,7 @@ async def use_sessions(store: turnbuckle.Store, session_id: str) -> int:
 
 
 async def test_a_version_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     path = tmp_path / "v1.db"
     make_v1_file(path)
     async with turnbuckle.open_store(store_url(path)) as store:
@@ -241,16 +242,18 @@ def check_races(
     for status, round_no, worker, value in results:
         by_round.setdefault(round_no, []).append((status, worker, value))
     assert sorted(by_round) == list(range(len(rounds)))
-    winning_claims = []
+    claims_by_round: dict[str, list[Any]] = {}
     for round_no, (kind, session_id) in enumerate(rounds):
         outcomes = by_round[round_no]
         assert len(outcomes) == racers, (kind, outcomes)
         if kind == "claim":
-            won = [v for status, _, v in outcomes if status == "claimed" and v is not None]
-            lost = [(s, v) for s, _, v in outcomes if not (s == "claimed" and v is not None)]
-            assert len(won) == 1, (session_id, outcomes)
-            assert all(s in ("busy", "claimed") for s, _ in lost), (session_id, outcomes)
-            winning_claims.append(won[0])
+            # Each racer that got the lease claimed the batch (a later grant voids an earlier
+            # grant's claim); the others found the lease busy.
+            claims = [v for status, _, v in outcomes if status == "claimed"]
+            assert claims and all(c is not None for c in claims), (session_id, outcomes)
+            assert all(s in ("busy", "claimed") for s, _, _ in outcomes), (session_id, outcomes)
+            assert len({c.fencing_token for c in claims}) == len(claims), "tokens never repeat"
+            claims_by_round[session_id] = claims
             continue
         wins = [(w, v) for status, w, v in outcomes if status == "committed"]
         assert [v for _, v in wins] == [1], (session_id, outcomes)
@@ -277,10 +280,18 @@ def check_races(
                 read = await store.sessions.bind(session_id).load()
                 assert read is not None and read.head_revision == 1, session_id
                 assert len(read.nodes) == 1, read.nodes
-            for claim in winning_claims:
-                # The winner really owns its batch: renewing it works, from another handle.
-                renewed = await store.sessions.renew_queued_work_claim(claim, TTL_MS)
-                assert renewed.claim_id == claim.claim_id
+            for session_id, claims in claims_by_round.items():
+                # Exactly one claim holds the batch (the last grant's), from another handle too.
+                live = []
+                for claim in claims:
+                    try:
+                        renewed = await store.sessions.renew_queued_work_claim(claim, TTL_MS)
+                    except QueuedWorkClaimExpired:
+                        continue
+                    assert renewed.claim_id == claim.claim_id
+                    live.append(claim)
+                assert len(live) == 1, (session_id, claims)
+                assert live[0].fencing_token == max(c.fencing_token for c in claims)
 
     trio.run(verify)
 
@@ -352,12 +363,14 @@ def test_races_between_processes(tmp_path: Path, racers: int) -> None:
     )
 
 
-# --- lash finding 2: a held batch is not claimed again ---------------------------------------
+# --- lash finding 2: a held batch is not claimed twice ----------------------------------------
 
 
-async def test_a_second_claim_on_a_held_batch_is_not_won(tmp_path: Path) -> None:
-    """lash: second_claim_on_held_batch_is_not_won, with the second claimer on another handle
-    holding the session lease the first one released (its queue claim still live)."""
+async def test_a_held_batch_passes_only_to_the_next_lease_grant(tmp_path: Path) -> None:
+    """lash: second_claim_on_held_batch_is_not_won, across two handles, with turnbuckle's order
+    rule. While A's lease grant is the session's latest, A's claim holds the batch: nobody can
+    claim or cancel it. Once B holds a newer grant, A's claim is void: B takes the batch at
+    once, with a higher claim fencing token, and A can no longer renew or deliver it."""
     url = store_url(tmp_path / "claim.db")
     async with turnbuckle.open_store(url) as a, turnbuckle.open_store(url) as b:
         batch = await a.sessions.enqueue(draft("s"))
@@ -367,31 +380,32 @@ async def test_a_second_claim_on_a_held_batch_is_not_won(tmp_path: Path) -> None
             "s", lease_a.fence(), "A", ClaimBoundary.IDLE, TTL_MS, 10
         )
         assert claim_a is not None and len(claim_a.batches) == 1
-        await a.sessions.release_lease(lease_a.fence())
-        lease_b = await b.sessions.try_claim_lease("s", "B", TTL_MS)
-        assert lease_b is not None
-        fence_b = lease_b.fence()
-        assert (
-            await b.sessions.claim_queued_work("s", fence_b, "B", ClaimBoundary.IDLE, TTL_MS, 10)
-            is None
-        )
-        assert (
-            await b.sessions.claim_queued_work_by_ids(
-                "s", fence_b, "B", ClaimBoundary.IDLE, TTL_MS, [batch.batch_id]
-            )
-            is None
-        )
+        assert await b.sessions.try_claim_lease("s", "B", TTL_MS) is None
         assert await b.sessions.cancel_queued_work("s", batch.batch_id) is None
+        await a.sessions.release_lease(lease_a.fence())
+        assert await b.sessions.list_pending_queued_work("s") == [], "held until a new grant"
         renewed = await a.sessions.renew_queued_work_claim(claim_a, TTL_MS)
         assert renewed.claim_id == claim_a.claim_id
-        # Abandoned, the batch is B's to take, with a higher claim fencing token.
-        await a.sessions.abandon_queued_work_claim(claim_a)
-        claim_b = await b.sessions.claim_queued_work(
-            "s", fence_b, "B", ClaimBoundary.IDLE, TTL_MS, 10
+        lease_b = await b.sessions.try_claim_lease("s", "B", TTL_MS)
+        assert lease_b is not None
+        claim_b = await b.sessions.claim_queued_work_by_ids(
+            "s", lease_b.fence(), "B", ClaimBoundary.IDLE, TTL_MS, [batch.batch_id]
         )
         assert claim_b is not None and claim_b.fencing_token == claim_a.fencing_token + 1
         with pytest.raises(turnbuckle.QueuedWorkClaimExpired):
             await a.sessions.renew_queued_work_claim(claim_a, TTL_MS)
+        await a.sessions.abandon_queued_work_claim(claim_a)  # owns nothing: a no-op
+        assert await a.sessions.cancel_queued_work("s", batch.batch_id) is None
+        result = await b.sessions.bind("s").commit(
+            commit_for(
+                "s",
+                lease_b.fence(),
+                release=lease_b.fence(),
+                completed_claims=[claim_b.completion()],
+            )
+        )
+        assert result.head_revision == 1
+        assert await a.sessions.list_queued_work("s") == []
 
 
 # --- lash finding 3: a failure mid-transaction leaves the store usable ------------------------

@@ -10,12 +10,14 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from typing import Any
 
 import pytest
 
 import turnbuckle.adapters.sessions
 import turnbuckle.sansio.execution
 import turnbuckle.sansio.session
+from turnbuckle.sansio.queue import check_completion, select_claim_prefix
 from turnbuckle.testing.sim import FAULT_KINDS, SimulationReport, main, run_simulation
 
 from ..figures import record as record_figures
@@ -122,6 +124,50 @@ def test_sim_bites_a_broken_decision(
             break
     assert found, f"no seed caught {name} accepting anything"
     assert any(expect in v for v in found), found
+
+
+def _select_skipping_every_claim(rows: Any, boundary: Any, max_batches: int, **kw: Any) -> Any:
+    """The old claim rule: skip any live claim, whatever its grant and boundary."""
+    now = kw["now_ms"]
+    free = [r for r in rows if r.claim_token is None or r.claim_expires_at_ms <= now]
+    return select_claim_prefix(free, boundary, max_batches, **kw)
+
+
+def _completion_ignoring_the_grant(rows: Any, completion: Any, lease_fencing: int) -> None:
+    grants = {r.claim_lease_fencing for r in rows if r is not None}
+    check_completion(rows, completion, grants.pop() if len(grants) == 1 else lease_fencing)
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "broken", "expect"),
+    [
+        (
+            turnbuckle.adapters.sessions,
+            "select_claim_prefix",
+            _select_skipping_every_claim,
+            "not the head",
+        ),
+        (
+            turnbuckle.sansio.session,
+            "check_completion",
+            _completion_ignoring_the_grant,
+            "older lease grant",
+        ),
+    ],
+    ids=["claim-order", "commit-grant"],
+)
+def test_sim_bites_a_broken_order_rule(
+    monkeypatch: pytest.MonkeyPatch, module: object, name: str, broken: Any, expect: str
+) -> None:
+    """Order across handovers is checked: the rule the runtime used to have (a claim skips
+    work under any live claim) and a commit that ignores the claim's lease grant are caught."""
+    monkeypatch.setattr(module, name, broken)
+    found: list[str] = []
+    for seed in range(20):
+        found = [v for v in run_simulation(seed, 400).violations if expect in v]
+        if found:
+            break
+    assert found, f"no seed caught the broken {name}"
 
 
 def test_sim_cli(capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,7 +23,7 @@ from turnbuckle.adapters.executions import ExecutionEvent, Frame
 from turnbuckle.errors import StoreClosedError, StoreInternalError, TurnbuckleError
 from turnbuckle.sansio.execution import ExecutionRow
 from turnbuckle.sansio.lease import LeaseRow
-from turnbuckle.sansio.queue import QueuedBatchRow
+from turnbuckle.sansio.queue import DeliveryRow, QueuedBatchRow
 from turnbuckle.sansio.session import AttachmentEntry, HeadRow, TurnStampRow
 from turnbuckle.sansio.task import TaskRow, TaskStatus
 
@@ -177,6 +177,8 @@ class MemorySessionTable(_UndoLog):
         self._leases: dict[str, LeaseRow] = {}
         self._batches: dict[str, QueuedBatchRow] = {}
         self._sources: dict[tuple[str, str], str] = {}
+        self._deliveries: dict[str, DeliveryRow] = {}
+        self._delivered_sources: dict[tuple[str, str], str] = {}
         self._enqueue_seq = 0
         self._meta: dict[str, str] = {}
         self._attachments: dict[str, AttachmentEntry] = {}
@@ -266,6 +268,14 @@ class MemorySessionTable(_UndoLog):
         rows = [r for r in self._batches.values() if r.session_id == session_id]
         return sorted(rows, key=lambda r: r.enqueue_seq)
 
+    def parked(self, session_id: str | None) -> list[QueuedBatchRow]:
+        rows = [
+            r
+            for r in self._batches.values()
+            if r.parked and (session_id is None or r.session_id == session_id)
+        ]
+        return sorted(rows, key=lambda r: (r.session_id, r.enqueue_seq))
+
     def batch(self, batch_id: str) -> QueuedBatchRow | None:
         return self._batches.get(batch_id)
 
@@ -300,6 +310,19 @@ class MemorySessionTable(_UndoLog):
         if row.source_key is not None:
             self._pop(self._sources, (row.session_id, row.source_key))
         return True
+
+    def delivery(self, batch_id: str) -> DeliveryRow | None:
+        return self._deliveries.get(batch_id)
+
+    def delivery_by_source(self, session_id: str, source_key: str) -> DeliveryRow | None:
+        batch_id = self._delivered_sources.get((session_id, source_key))
+        return None if batch_id is None else self._deliveries.get(batch_id)
+
+    def insert_delivery(self, row: DeliveryRow) -> None:
+        batch = row.row
+        self._set(self._deliveries, batch.batch_id, row)
+        if batch.source_key is not None:
+            self._set(self._delivered_sources, (batch.session_id, batch.source_key), batch.batch_id)
 
     def meta(self, session_id: str) -> str | None:
         return self._meta.get(session_id)

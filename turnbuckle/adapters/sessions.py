@@ -44,18 +44,24 @@ from turnbuckle.sansio.lease import (
 )
 from turnbuckle.sansio.queue import (
     ClaimBoundary,
+    DeliveryRow,
     QueuedBatchRow,
     QueuedWorkBatch,
     QueuedWorkClaim,
     QueuedWorkDraft,
+    QueuedWorkStatus,
     abandon_rows,
+    check_batch_ids,
     claim_rows,
+    fail_rows,
     is_claimed,
+    is_pending,
     new_batch_row,
     renew_rows,
     same_work,
     select_by_batch_ids,
     select_claim_prefix,
+    unpark_row,
 )
 from turnbuckle.sansio.session import (
     ActivePath,
@@ -135,7 +141,12 @@ class SessionTable(Protocol):
 
     # queued work
     def batches(self, session_id: str) -> list[QueuedBatchRow]:
-        """The session's batches in enqueue order."""
+        """The session's queued batches (parked ones too) in enqueue order."""
+        ...
+
+    def parked(self, session_id: str | None) -> list[QueuedBatchRow]:
+        """Parked batches of one session (every session if None), by session then enqueue
+        order."""
         ...
 
     def batch(self, batch_id: str) -> QueuedBatchRow | None: ...
@@ -151,6 +162,11 @@ class SessionTable(Protocol):
         ...
 
     def delete_batch(self, batch_id: str) -> bool: ...
+
+    # deliveries: batches a commit delivered, kept with their outcome
+    def delivery(self, batch_id: str) -> DeliveryRow | None: ...
+    def delivery_by_source(self, session_id: str, source_key: str) -> DeliveryRow | None: ...
+    def insert_delivery(self, row: DeliveryRow) -> None: ...
 
     # meta, attachments, blobs
     def meta(self, session_id: str) -> str | None: ...
@@ -202,6 +218,12 @@ def _usage_from_json(text: str) -> UsageEntry:
 
 def _lease_row(table: SessionTable, session_id: str) -> LeaseRow:
     return table.lease(session_id) or free_lease_row(session_id)
+
+
+def _grant(table: SessionTable, session_id: str) -> int:
+    """The session's latest lease grant (its fencing token): claims under an older one are
+    void."""
+    return _lease_row(table, session_id).fencing_token
 
 
 class SessionFacet:
@@ -275,6 +297,34 @@ class SessionFacet:
 
         return await self._run(op, writes=True)
 
+    async def renew_lease_and_claims(
+        self, fence: LeaseFence, claims: Sequence[QueuedWorkClaim], ttl_ms: int
+    ) -> tuple[SessionLease, tuple[QueuedWorkClaim, ...]]:
+        """Extend a live lease and the live claims of the running turn, in one transaction
+        (what a runtime does every ttl/3).
+
+        Raises:
+            SessionExecutionLeaseExpired: ``fence`` is not the live lease.
+            QueuedWorkClaimExpired: a claim expired or lost a batch (nothing is renewed).
+            InvalidArgument: a bad fence, claim or ttl.
+        """
+        check_fence_argument(fence)
+        check_ttl(ttl_ms)
+        if isinstance(claims, str) or not isinstance(claims, Sequence):
+            raise InvalidArgument(f"claims must be a sequence of QueuedWorkClaim, got {claims!r}")
+        for claim in claims:
+            _check_claim(claim)
+            if claim.session_id != fence.session_id:
+                raise InvalidArgument("every claim must be of the fenced session")
+        now = self._clock.now_ms()
+
+        def op(table: SessionTable) -> tuple[SessionLease, tuple[QueuedWorkClaim, ...]]:
+            row, lease = renew_lease(_lease_row(table, fence.session_id), fence, ttl_ms, now_ms=now)
+            table.put_lease(row)
+            return lease, tuple(_renew_claim(table, claim, ttl_ms, now) for claim in claims)
+
+        return await self._run(op, writes=True)
+
     async def release_lease(self, fence: LeaseFence) -> None:
         """Release the lease if ``fence`` is its current grant; otherwise do nothing (a stale
         or repeated release never frees a newer grant).
@@ -294,10 +344,12 @@ class SessionFacet:
     # --- queued work ---
 
     async def enqueue(self, draft: QueuedWorkDraft) -> QueuedWorkBatch:
-        """Durably enqueue a batch; a repeated source key returns the original batch.
+        """Durably enqueue a batch. A source key seen before in the session (queued, parked
+        or already delivered) returns the original batch and enqueues nothing.
 
         Raises:
-            QueuedWorkSourceKeyConflict: the source key was used for different work.
+            QueuedWorkSourceKeyConflict: the source key was used for different work (the error
+                names the original batch, which is kept).
             InvalidArgument, PayloadNotSerializable, PayloadTooLarge: a bad draft.
         """
         now, ids, limit = self._clock.now_ms(), self._ids, self._limit
@@ -306,6 +358,9 @@ class SessionFacet:
         def op(table: SessionTable) -> QueuedWorkBatch:
             if probe.source_key is not None:
                 existing = table.batch_by_source(probe.session_id, probe.source_key)
+                if existing is None:
+                    delivered = table.delivery_by_source(probe.session_id, probe.source_key)
+                    existing = None if delivered is None else delivered.row
                 if existing is not None:
                     return _batch(same_work(existing, probe))
             row = attrs.evolve(probe, enqueue_seq=table.next_enqueue_seq())
@@ -324,7 +379,9 @@ class SessionFacet:
         max_batches: int,
     ) -> QueuedWorkClaim | None:
         """Claim the ready prefix of a session's queued work (see
-        :func:`~turnbuckle.sansio.queue.select_claim_prefix`); None if nothing is ready.
+        :func:`~turnbuckle.sansio.queue.select_claim_prefix`); None if nothing is ready. An
+        ``idle`` claim starts from the head of the queue, voiding any claim still on it; a
+        checkpoint claim takes the work right behind what the fenced grant already holds.
 
         Raises:
             SessionExecutionLeaseExpired: ``fence`` is not the session's live lease.
@@ -335,7 +392,9 @@ class SessionFacet:
             fence,
             owner_id,
             ttl_ms,
-            lambda rows, now: select_claim_prefix(rows, boundary, max_batches, now_ms=now),
+            lambda rows, now, grant: select_claim_prefix(
+                rows, boundary, max_batches, now_ms=now, lease_fencing=grant
+            ),
         )
 
     async def claim_queued_work_by_ids(
@@ -354,12 +413,15 @@ class SessionFacet:
             SessionExecutionLeaseExpired: ``fence`` is not the session's live lease.
             InvalidArgument: a bad argument.
         """
+        ids = check_batch_ids(batch_ids)
         return await self._claim(
             session_id,
             fence,
             owner_id,
             ttl_ms,
-            lambda rows, now: select_by_batch_ids(rows, boundary, batch_ids, now_ms=now),
+            lambda rows, now, grant: select_by_batch_ids(
+                rows, boundary, ids, now_ms=now, lease_fencing=grant
+            ),
         )
 
     async def _claim(
@@ -368,23 +430,27 @@ class SessionFacet:
         fence: LeaseFence,
         owner_id: str,
         ttl_ms: int,
-        select: Callable[[list[QueuedBatchRow], int], tuple[QueuedBatchRow, ...]],
+        select: Callable[[list[QueuedBatchRow], int, int], tuple[QueuedBatchRow, ...]],
     ) -> QueuedWorkClaim | None:
         _check_session(session_id, self._limit)
         check_fence_argument(fence)
         check_text("owner_id", owner_id, limit=self._limit)
         check_ttl(ttl_ms)
         now, ids = self._clock.now_ms(), self._ids
-        select([], now)  # validates the selection's own arguments before any IO
+        select([], now, 0)  # validates the selection's own arguments before any IO
 
         def op(table: SessionTable) -> QueuedWorkClaim | None:
             if fence.session_id != session_id:  # another session's fence is never this one's
                 raise SessionExecutionLeaseExpired(session_id)
-            check_fence(_lease_row(table, session_id), fence, now_ms=now)
-            selected = select(table.batches(session_id), now)
+            lease = _lease_row(table, session_id)
+            check_fence(lease, fence, now_ms=now)
+            grant = lease.fencing_token
+            selected = select(table.batches(session_id), now, grant)
             if not selected:
                 return None
-            claimed, claim = claim_rows(selected, owner_id, ttl_ms, now_ms=now, ids=ids)
+            claimed, claim = claim_rows(
+                selected, owner_id, ttl_ms, now_ms=now, ids=ids, lease_fencing=grant
+            )
             for old, new in zip(selected, claimed, strict=True):
                 if not table.update_batch(new, old.claim_token):
                     raise ConcurrentModification(old.batch_id)
@@ -396,19 +462,13 @@ class SessionFacet:
         """Extend a live claim that still owns all its batches.
 
         Raises:
-            QueuedWorkClaimExpired: it expired or lost a batch.
+            QueuedWorkClaimExpired: it expired, lost a batch, or a newer lease was granted.
+            InvalidArgument: a bad claim or ttl.
         """
         _check_claim(claim)
+        check_ttl(ttl_ms)
         now = self._clock.now_ms()
-
-        def op(table: SessionTable) -> QueuedWorkClaim:
-            rows = [table.batch(b.batch_id) for b in claim.batches]
-            renewed, fresh = renew_rows(rows, claim, ttl_ms, now_ms=now)
-            for row in renewed:
-                table.update_batch(row, claim.lease_token)
-            return fresh
-
-        return await self._run(op, writes=True)
+        return await self._run(lambda t: _renew_claim(t, claim, ttl_ms, now), writes=True)
 
     async def abandon_queued_work_claim(self, claim: QueuedWorkClaim) -> None:
         """Give a claim's batches back to the queue (those it still owns; idempotent)."""
@@ -421,54 +481,139 @@ class SessionFacet:
 
         await self._run(op, writes=True)
 
+    async def fail_queued_work(
+        self, claim: QueuedWorkClaim, error: str, max_failures: int
+    ) -> list[QueuedWorkBatch]:
+        """Give a failed turn's claim back: each batch it still owns counts the failure and
+        keeps ``error``, and is parked once it has failed ``max_failures`` times. Returns the
+        batches parked now.
+
+        Raises:
+            InvalidArgument: a bad claim, error or limit.
+        """
+        _check_claim(claim)
+        check_text("error", error, limit=self._limit)
+        check_int64("max_failures", max_failures, minimum=1)
+
+        def op(table: SessionTable) -> list[QueuedWorkBatch]:
+            rows = [table.batch(b.batch_id) for b in claim.batches]
+            failed = fail_rows(rows, claim, error, max_failures)
+            for row in failed:
+                table.update_batch(row, claim.lease_token)
+            return [_batch(row) for row in failed if row.parked]
+
+        return await self._run(op, writes=True)
+
+    async def unpark_queued_work(self, session_id: str, batch_id: str) -> QueuedWorkBatch | None:
+        """Put a parked batch back in the queue, at its old place (so it is delivered before
+        the work enqueued after it), with its failures forgotten. None if the session has no
+        parked batch ``batch_id``.
+
+        Raises:
+            InvalidArgument: a bad id.
+        """
+        _check_session(session_id, self._limit)
+        check_text("batch_id", batch_id)
+
+        def op(table: SessionTable) -> QueuedWorkBatch | None:
+            row = table.batch(batch_id)
+            if row is None or row.session_id != session_id or not row.parked:
+                return None
+            fresh = unpark_row(row)
+            table.update_batch(fresh, row.claim_token)
+            return _batch(fresh)
+
+        return await self._run(op, writes=True)
+
     async def cancel_queued_work(self, session_id: str, batch_id: str) -> QueuedWorkBatch | None:
-        """Delete a batch nobody has a live claim on; None if it is claimed or unknown."""
+        """Delete a queued batch nobody has a live claim on (a parked one too); None if it is
+        claimed or unknown."""
         _check_session(session_id, self._limit)
         check_text("batch_id", batch_id)
         now = self._clock.now_ms()
 
         def op(table: SessionTable) -> QueuedWorkBatch | None:
             row = table.batch(batch_id)
-            if row is None or row.session_id != session_id or is_claimed(row, now):
+            if (
+                row is None
+                or row.session_id != session_id
+                or is_claimed(row, now, _grant(table, session_id))
+            ):
                 return None
             table.delete_batch(batch_id)
             return _batch(row)
 
         return await self._run(op, writes=True)
 
+    async def queued_work_status(self, session_id: str, batch_id: str) -> QueuedWorkStatus | None:
+        """Where a batch is: queued (claimed or not), parked, or delivered, with the turn that
+        delivered it and its recorded outcome. None if the session never had it, or it was
+        cancelled.
+
+        Raises:
+            InvalidArgument: a bad id.
+            CorruptRecordError: the stored batch cannot be decoded.
+        """
+        _check_session(session_id, self._limit)
+        check_text("batch_id", batch_id)
+
+        def op(table: SessionTable) -> QueuedWorkStatus | None:
+            row = table.batch(batch_id)
+            found: QueuedBatchRow | DeliveryRow | None = row
+            if row is None:
+                found = table.delivery(batch_id)
+            if found is None or _row_of(found).session_id != session_id:
+                return None
+            return _decode("queued_work", batch_id, found.status)
+
+        return await self._run(op, writes=False)
+
     async def list_queued_work(self, session_id: str) -> list[QueuedWorkBatch]:
-        """Every batch of the session, claimed ones included, in enqueue order."""
+        """Every queued batch of the session, claimed and parked ones included, in enqueue
+        order."""
         _check_session(session_id, self._limit)
         return await self._run(
             lambda table: [_batch(r) for r in table.batches(session_id)], writes=False
         )
 
     async def list_pending_queued_work(self, session_id: str) -> list[QueuedWorkBatch]:
-        """The session's batches without a live claim, in enqueue order."""
+        """The session's batches waiting for a claim (no live claim, not parked), in enqueue
+        order."""
         _check_session(session_id, self._limit)
         now = self._clock.now_ms()
+
+        def op(table: SessionTable) -> list[QueuedWorkBatch]:
+            grant = _grant(table, session_id)
+            return [_batch(r) for r in table.batches(session_id) if is_pending(r, now, grant)]
+
+        return await self._run(op, writes=False)
+
+    async def list_parked_queued_work(self, session_id: str | None = None) -> list[QueuedWorkBatch]:
+        """Parked batches of one session, or of every session (None), by session then enqueue
+        order; each says how often it failed and why, last."""
+        if session_id is not None:
+            _check_session(session_id, self._limit)
         return await self._run(
-            lambda table: [_batch(r) for r in table.batches(session_id) if not is_claimed(r, now)],
-            writes=False,
+            lambda table: [_batch(r) for r in table.parked(session_id)], writes=False
         )
 
     async def list_sessions_with_queued_work(self) -> list[str]:
-        """Sessions with queued work that is available now, claimed or not (a claim may belong
-        to a runtime that died): what a runtime should look after when it starts."""
+        """Sessions with unparked queued work that is available now, claimed or not (a claim
+        may belong to a runtime that died): what a runtime should look after when it starts."""
         now = self._clock.now_ms()
 
         def op(table: SessionTable) -> list[str]:
             return [
                 session_id
                 for session_id in table.sessions_with_work()
-                if any(r.available_at_ms <= now for r in table.batches(session_id))
+                if any(_ready(r, now) for r in table.batches(session_id))
             ]
 
         return await self._run(op, writes=False)
 
     async def next_queued_work_in_ms(self, session_id: str) -> int | None:
-        """Milliseconds until the session's earliest not-yet-available batch becomes available
-        (None if it has none)."""
+        """Milliseconds until the session's earliest not-yet-available (unparked) batch becomes
+        available (None if it has none)."""
         _check_session(session_id, self._limit)
         now = self._clock.now_ms()
 
@@ -476,18 +621,18 @@ class SessionFacet:
             later = [
                 r.available_at_ms - now
                 for r in table.batches(session_id)
-                if r.available_at_ms > now
+                if not r.parked and r.available_at_ms > now
             ]
             return min(later) if later else None
 
         return await self._run(op, writes=False)
 
     async def has_queued_work(self, session_id: str) -> bool:
-        """True if the session has queued work available now, claimed or not."""
+        """True if the session has unparked queued work available now, claimed or not."""
         _check_session(session_id, self._limit)
         now = self._clock.now_ms()
         return await self._run(
-            lambda table: any(r.available_at_ms <= now for r in table.batches(session_id)),
+            lambda table: any(_ready(r, now) for r in table.batches(session_id)),
             writes=False,
         )
 
@@ -707,9 +852,10 @@ def _apply(table: SessionTable, commit: RuntimeCommit, plan: CommitPlan, now: in
     expected = plan.head.head_revision - 1
     if not table.put_head(plan.head, expected):
         raise ConcurrentModification(session_id)
-    for batch_id in plan.delete_batch_ids:
-        if not table.delete_batch(batch_id):
-            raise QueuedWorkClaimExpired(session_id, batch_id)
+    for delivered in plan.deliveries:
+        if not table.delete_batch(delivered.row.batch_id):
+            raise QueuedWorkClaimExpired(session_id, delivered.row.batch_id)
+        table.insert_delivery(delivered)
     table.commit_attachments(session_id, plan.attachment_ids, now)
     if plan.stamp is not None:
         table.put_stamp(plan.stamp)
@@ -733,6 +879,27 @@ def _head_refs(table: SessionTable, head: HeadRow) -> list[str]:
 
 def _batch(row: QueuedBatchRow) -> QueuedWorkBatch:
     return _decode("queued_work", row.batch_id, row.batch)
+
+
+def _row_of(found: QueuedBatchRow | DeliveryRow) -> QueuedBatchRow:
+    return found.row if isinstance(found, DeliveryRow) else found
+
+
+def _ready(row: QueuedBatchRow, now_ms: int) -> bool:
+    """Deliverable now, if nobody (alive) holds it."""
+    return not row.parked and row.available_at_ms <= now_ms
+
+
+def _renew_claim(
+    table: SessionTable, claim: QueuedWorkClaim, ttl_ms: int, now_ms: int
+) -> QueuedWorkClaim:
+    rows = [table.batch(b.batch_id) for b in claim.batches]
+    renewed, fresh = renew_rows(
+        rows, claim, ttl_ms, now_ms=now_ms, lease_fencing=_grant(table, claim.session_id)
+    )
+    for row in renewed:
+        table.update_batch(row, claim.lease_token)
+    return fresh
 
 
 def _check_session(session_id: object, limit: int) -> None:

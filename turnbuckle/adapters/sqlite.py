@@ -71,7 +71,7 @@ from turnbuckle.errors import (
 )
 from turnbuckle.sansio.execution import ExecutionRow, FrameKind
 from turnbuckle.sansio.lease import LeaseRow
-from turnbuckle.sansio.queue import QueuedBatchRow
+from turnbuckle.sansio.queue import DeliveryRow, QueuedBatchRow
 from turnbuckle.sansio.session import AttachmentEntry, HeadRow, TurnStampRow
 from turnbuckle.sansio.task import TaskRow
 
@@ -95,7 +95,7 @@ Durability = Literal["full", "process"]
 APPLICATION_ID: Final = 0x54524E42
 #: The schema this code reads and writes. An older file is migrated at open (see
 #: ``_MIGRATIONS``); a newer one is refused.
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 #: Most requests one transaction takes; bounds the latency a big burst adds to its first caller.
 MAX_BATCH: Final = 256
 _WAL_RETRIES: Final = 20
@@ -279,11 +279,53 @@ _DDL_V3: Final = (
     ) STRICT""",
 )
 
+# Version 4: claims name the lease grant they were taken under, batches count failed turns and
+# can be parked, and delivered batches are kept (with the turn that delivered them and its
+# outcome) instead of deleted, so a source key stays idempotent after delivery and a client can
+# read its answer. A v3 claim carries grant 0: void under any lease, so its work is claimed
+# again from the head of the queue.
+_DDL_V4: Final = (
+    "ALTER TABLE queued_work ADD COLUMN claim_lease_fencing INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE queued_work ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE queued_work ADD COLUMN last_error TEXT",
+    "ALTER TABLE queued_work ADD COLUMN parked INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX queued_work_parked ON queued_work (session_id, enqueue_seq) WHERE parked = 1",
+    # queued_work's columns as they were at delivery, then the delivery's own.
+    """CREATE TABLE queued_work_deliveries (
+        batch_id TEXT PRIMARY KEY NOT NULL,
+        session_id TEXT NOT NULL,
+        enqueue_seq INTEGER NOT NULL,
+        source_key TEXT,
+        delivery TEXT NOT NULL,
+        slot TEXT NOT NULL,
+        merge_key TEXT NOT NULL,
+        available_at_ms INTEGER NOT NULL,
+        enqueued_at_ms INTEGER NOT NULL,
+        items TEXT NOT NULL,
+        claim_id TEXT,
+        claim_owner_id TEXT,
+        claim_token TEXT,
+        claim_fencing_token INTEGER NOT NULL,
+        claimed_at_ms INTEGER NOT NULL,
+        claim_expires_at_ms INTEGER NOT NULL,
+        claim_lease_fencing INTEGER NOT NULL,
+        failures INTEGER NOT NULL,
+        last_error TEXT,
+        parked INTEGER NOT NULL,
+        turn_id TEXT,
+        head_revision INTEGER NOT NULL,
+        outcome TEXT,
+        delivered_at_ms INTEGER NOT NULL
+    ) STRICT""",
+    "CREATE UNIQUE INDEX queued_work_deliveries_by_source ON queued_work_deliveries"
+    " (session_id, source_key) WHERE source_key IS NOT NULL",
+)
+
 #: A brand-new file gets every table at once.
-_DDL: Final = (*_DDL_V1, *_DDL_V2, *_DDL_V3)
+_DDL: Final = (*_DDL_V1, *_DDL_V2, *_DDL_V3, *_DDL_V4)
 #: The statements that take a file from version ``v`` to ``v + 1`` (an older file takes each
 #: step in turn, in one transaction).
-_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _DDL_V2, 2: _DDL_V3}
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _DDL_V2, 2: _DDL_V3, 3: _DDL_V4}
 
 
 def sqlite_version() -> str:
@@ -395,6 +437,13 @@ _BATCH_UPDATE: Final = (
     f"UPDATE queued_work SET {', '.join(f'{name} = ?' for name in _BATCH_SET)}"
     " WHERE batch_id = ? AND claim_token IS ?"
 )
+_DELIVERY_FIELDS: Final = ("turn_id", "head_revision", "outcome", "delivered_at_ms")
+_DELIVERY_COLUMNS: Final = (*_BATCH_FIELDS, *_DELIVERY_FIELDS)
+_DELIVERY_SELECT: Final = f"SELECT {', '.join(_DELIVERY_COLUMNS)} FROM queued_work_deliveries"
+_DELIVERY_INSERT: Final = (
+    f"INSERT INTO queued_work_deliveries ({', '.join(_DELIVERY_COLUMNS)})"
+    f" VALUES (?{', ?' * (len(_DELIVERY_COLUMNS) - 1)})"
+)
 _ATTACHMENT_SELECT: Final = (
     "SELECT attachment_id, session_id, canonical_uri, intent_at_ms, committed_at_ms"
     " FROM attachments"
@@ -425,7 +474,16 @@ def _items(batch_id: str, text: str) -> tuple[tuple[str, str], ...]:
 def _batch_row(values: tuple[Any, ...]) -> QueuedBatchRow:
     fields = dict(zip(_BATCH_FIELDS, values, strict=True))
     fields["items"] = _items(fields["batch_id"], fields["items"])
+    fields["parked"] = bool(fields["parked"])
     return QueuedBatchRow(**fields)
+
+
+def _delivery_row(values: tuple[Any, ...]) -> DeliveryRow:
+    count = len(_BATCH_FIELDS)
+    return DeliveryRow(
+        row=_batch_row(values[:count]),
+        **dict(zip(_DELIVERY_FIELDS, values[count:], strict=True)),
+    )
 
 
 def _batch_values(row: QueuedBatchRow, names: tuple[str, ...]) -> tuple[Any, ...]:
@@ -614,6 +672,13 @@ class SqliteSessionTable:
         sql = f"{_BATCH_SELECT} WHERE session_id = ? ORDER BY enqueue_seq"
         return [_batch_row(r) for r in self._conn.execute(sql, (session_id,))]
 
+    def parked(self, session_id: str | None) -> list[QueuedBatchRow]:
+        if session_id is None:
+            sql = f"{_BATCH_SELECT} WHERE parked = 1 ORDER BY session_id, enqueue_seq"
+            return [_batch_row(r) for r in self._conn.execute(sql)]
+        sql = f"{_BATCH_SELECT} WHERE session_id = ? AND parked = 1 ORDER BY enqueue_seq"
+        return [_batch_row(r) for r in self._conn.execute(sql, (session_id,))]
+
     def batch(self, batch_id: str) -> QueuedBatchRow | None:
         found = self._conn.execute(f"{_BATCH_SELECT} WHERE batch_id = ?", (batch_id,)).fetchone()
         return None if found is None else _batch_row(found)
@@ -646,6 +711,22 @@ class SqliteSessionTable:
     def delete_batch(self, batch_id: str) -> bool:
         self._conn.execute("DELETE FROM queued_work WHERE batch_id = ?", (batch_id,))
         return self._changed()
+
+    def delivery(self, batch_id: str) -> DeliveryRow | None:
+        sql = f"{_DELIVERY_SELECT} WHERE batch_id = ?"
+        found = self._conn.execute(sql, (batch_id,)).fetchone()
+        return None if found is None else _delivery_row(found)
+
+    def delivery_by_source(self, session_id: str, source_key: str) -> DeliveryRow | None:
+        sql = f"{_DELIVERY_SELECT} WHERE session_id = ? AND source_key = ?"
+        found = self._conn.execute(sql, (session_id, source_key)).fetchone()
+        return None if found is None else _delivery_row(found)
+
+    def insert_delivery(self, row: DeliveryRow) -> None:
+        self._conn.execute(
+            _DELIVERY_INSERT,
+            (*_batch_values(row.row, _BATCH_FIELDS), *(getattr(row, f) for f in _DELIVERY_FIELDS)),
+        )
 
     # --- meta, attachments, blobs ---
 

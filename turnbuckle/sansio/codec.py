@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
 from typing import Any, Final, NoReturn, TypeAlias
 
 from turnbuckle.errors import InvalidArgument, PayloadNotSerializable, PayloadTooLarge
@@ -28,6 +29,7 @@ __all__ = [
     "check_text",
     "decode_json",
     "encode_json",
+    "sequence",
 ]
 
 JSON: TypeAlias = "bool | int | float | str | list[JSON] | dict[str, JSON] | None"
@@ -183,3 +185,18 @@ def check_int64(name: str, value: object, *, minimum: int = 0) -> int:
     if type(value) is not int or not minimum <= value <= _INT64_MAX:
         raise InvalidArgument(f"{name} must be an int from {minimum} to 2**63-1, got {value!r}")
     return value
+
+
+def sequence(items: object) -> tuple[Any, ...]:
+    """The converter of every sequence field of a record: any iterable becomes a tuple, so a
+    frozen record cannot hide a mutable list; anything else is refused at construction.
+
+    Raises:
+        InvalidArgument: not iterable, or a str, bytes or mapping (iterable, but surely not the
+            sequence meant: ``payloads="hi"`` would become two one-letter payloads).
+    """
+    if isinstance(items, str | bytes | bytearray | Mapping) or not isinstance(items, Iterable):
+        raise InvalidArgument(
+            f"expected a sequence (a list or tuple), got {type(items).__name__} {items!r:.80}"
+        )
+    return tuple(items)

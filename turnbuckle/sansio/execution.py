@@ -46,7 +46,14 @@ from turnbuckle.errors import (
     LeaseConflict,
     LeaseExpired,
 )
-from turnbuckle.sansio.codec import JSON, check_int64, check_text, decode_json, encode_json
+from turnbuckle.sansio.codec import (
+    JSON,
+    check_int64,
+    check_text,
+    decode_json,
+    encode_json,
+    sequence,
+)
 
 __all__ = [
     "ExecutionRow",
@@ -118,10 +125,6 @@ class RetryPolicy:
         )
 
 
-def _tuple(items: Iterable[Any]) -> tuple[Any, ...]:
-    return tuple(items)
-
-
 @attrs.frozen(kw_only=True)
 class ExecutionRow:
     """An execution as a store keeps it (payloads as canonical JSON text)."""
@@ -129,7 +132,7 @@ class ExecutionRow:
     execution_id: str
     lane: str
     priority: int
-    capabilities: tuple[str, ...] = attrs.field(converter=_tuple)
+    capabilities: tuple[str, ...] = attrs.field(converter=sequence)
     created_at_ms: int
     payload: str | None
     #: "runnable", "active" or "terminal".

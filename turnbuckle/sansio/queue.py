@@ -13,34 +13,63 @@ a process wake, a session command. Each enqueue is one *batch* of items with pol
 - ``merge_key``: ``never`` (join nothing), ``payload_default`` (join other ``payload_default``
   work) or a named group (join the same group).
 - ``available_at_ms``: not deliverable before then (a later batch may go first).
-- ``source_key``: idempotency. Enqueueing the same key again returns the original batch; the same
-  key with different content is refused.
+- ``source_key``: idempotency for as long as the session's history is kept. Enqueueing the same
+  key again returns the original batch, queued or already delivered; the same key with other
+  content is refused, naming the original.
 
-A batch exists only as a row::
+A batch lives as a queue row until a commit delivers it; then its row moves to the session's
+deliveries, with the turn that delivered it and that turn's recorded outcome::
 
-    pending --claim--> claimed --completion in a commit--> deleted (delivered)
-       ^  |               |  \\--abandon, or its claim expires--> pending
-       |  \\--cancel--> deleted  \\--renew--> claimed (later expiry)
+    pending --claim--> claimed --completion in a commit--> delivered (kept, with the outcome)
+       ^  |               |  \\--abandon, expiry, or a newer lease grant--> pending
+       |  |               |  \\--fail: the failure count reaches the limit--> parked
+       |  \\--cancel--> deleted                                               |
+       +--------------------------------- unpark (resubmit) --------------------+
 
-Claims (:func:`select_claim_prefix`) take a prefix of the session's deliverable batches, in
-enqueue order: nothing if a checkpoint claim finds ``after_current_turn_commit`` work at the head
-(the head blocks everything behind it: work is never reordered), else the head alone if it is
-exclusive, else the head and the joinable batches right behind it, up to ``max_batches``. Each
-claim's fencing token is one more than the last one the head batch saw, so reclaiming abandoned or
-expired work always yields a higher token, and a completion must still own *every* batch of its
-claim, or the whole commit is refused.
+**Order.** Claims (:func:`select_claim_prefix`) take a prefix of the session's deliverable
+batches in enqueue order: nothing if a checkpoint claim finds ``after_current_turn_commit`` work
+at the head (the head blocks everything behind it), else the head alone if it is exclusive, else
+the head and the joinable batches right behind it, up to ``max_batches``. Which batches count as
+deliverable is what keeps order across lease handovers and crashes:
+
+- Every claim records the session lease grant it was taken under (its fencing token). A claim is
+  live only while that grant is still the session's latest one, and not expired: as soon as a
+  newer lease is granted, every claim of the older holder is void, so the new holder gets the
+  head of the queue at once, never the work behind a dead runtime's claim.
+- An ``idle`` claim is the start of a turn: the claimer has no turn in progress, so any claim
+  still on the queue is left over from a turn that is over. It starts from the head whoever
+  claimed it, and the older claim can no longer complete or renew.
+- A ``checkpoint`` claim comes from inside the running turn: it skips the batches its own grant
+  holds (the turn is delivering them) and takes the prefix right behind them.
+- Parked batches are dead letters: no claim takes them, so the work behind them goes on.
+
+Each claim's fencing token is one more than the last one the head batch saw, so reclaiming always
+yields a higher token, and a completion must still own *every* batch of its claim, under the
+grant of the commit's own lease, or the whole commit is refused.
+
+**Failures.** A turn that fails for a reason retrying will not cure hands its claim back with
+:func:`fail_rows`: each batch counts the failure and keeps the error; at the caller's limit it is
+parked, with the error, until it is unparked (resubmitted, from its old place in the queue) or
+cancelled.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, Final
+from collections.abc import Sequence
+from typing import ClassVar, Final
 
 import attrs
 
 from turnbuckle.errors import InvalidArgument, QueuedWorkClaimExpired, QueuedWorkSourceKeyConflict
-from turnbuckle.sansio.codec import JSON, check_int64, check_text, decode_json, encode_json
+from turnbuckle.sansio.codec import (
+    JSON,
+    check_int64,
+    check_text,
+    decode_json,
+    encode_json,
+    sequence,
+)
 from turnbuckle.sansio.ids import IdSource, random_hex
 from turnbuckle.sansio.lease import check_ttl
 
@@ -48,22 +77,31 @@ __all__ = [
     "MAX_CLAIM_BATCHES",
     "ClaimBoundary",
     "DeliveryPolicy",
+    "DeliveryRow",
     "MergeKey",
     "QueuedBatchRow",
     "QueuedWorkBatch",
     "QueuedWorkClaim",
     "QueuedWorkCompletion",
     "QueuedWorkDraft",
+    "QueuedWorkItem",
+    "QueuedWorkStatus",
     "SlotPolicy",
+    "WorkState",
     "abandon_rows",
+    "check_batch_ids",
     "check_completion",
     "claim_rows",
+    "deliver_row",
+    "fail_rows",
     "is_claimed",
+    "is_pending",
     "new_batch_row",
     "renew_rows",
+    "same_work",
     "select_by_batch_ids",
     "select_claim_prefix",
-    "same_work",
+    "unpark_row",
 ]
 
 #: Most batches one claim may take.
@@ -137,10 +175,6 @@ MergeKey.NEVER = MergeKey("never")
 MergeKey.PAYLOAD_DEFAULT = MergeKey("payload_default")
 
 
-def _tuple(items: Iterable[Any]) -> tuple[Any, ...]:
-    return tuple(items)
-
-
 @attrs.frozen(kw_only=True)
 class QueuedWorkDraft:
     """What a caller enqueues: one batch of payloads (plain JSON values) for one session."""
@@ -148,7 +182,7 @@ class QueuedWorkDraft:
     session_id: str
     delivery: DeliveryPolicy
     slot: SlotPolicy
-    payloads: tuple[JSON, ...] = attrs.field(converter=_tuple)
+    payloads: tuple[JSON, ...] = attrs.field(converter=sequence)
     source_key: str | None = None
     merge_key: MergeKey = MergeKey.NEVER
     available_at_ms: int = 0
@@ -175,11 +209,17 @@ class QueuedWorkBatch:
     available_at_ms: int
     enqueued_at_ms: int
     items: tuple[QueuedWorkItem, ...]
+    #: Turns that took this batch and failed (see :func:`fail_rows`).
+    failures: int = 0
+    #: Why the last of those turns failed.
+    last_error: str | None = None
+    #: Parked (dead-lettered): no claim takes it until it is unparked.
+    parked: bool = False
 
 
 @attrs.frozen(kw_only=True)
 class QueuedWorkCompletion:
-    """What a commit presents to delete the batches of a claim it delivered."""
+    """What a commit presents to deliver the batches of a claim."""
 
     session_id: str
     claim_id: str
@@ -210,11 +250,34 @@ class QueuedWorkClaim:
         )
 
 
+class WorkState(enum.Enum):
+    """Where a batch is: waiting (claimed or not), parked, or delivered by a commit."""
+
+    QUEUED = "queued"
+    PARKED = "parked"
+    DELIVERED = "delivered"
+
+
+@attrs.frozen(kw_only=True)
+class QueuedWorkStatus:
+    """One batch's state; for a delivered batch, the turn that delivered it and the outcome
+    that turn's commit recorded (the durable answer to the message)."""
+
+    batch: QueuedWorkBatch
+    state: WorkState
+    turn_id: str | None = None
+    head_revision: int | None = None
+    outcome: JSON = None
+    delivered_at_ms: int | None = None
+
+
 @attrs.frozen(kw_only=True)
 class QueuedBatchRow:
     """A batch as a store keeps it: payloads as canonical JSON text, plus its claim columns.
 
-    ``claim_fencing_token`` survives abandon and expiry, so the next claim's token is higher.
+    ``claim_fencing_token`` survives abandon and expiry, so the next claim's token is higher;
+    ``claim_lease_fencing`` is the fencing token of the session lease grant the claim was taken
+    under (a newer grant voids the claim).
     """
 
     batch_id: str
@@ -234,6 +297,10 @@ class QueuedBatchRow:
     claim_fencing_token: int = 0
     claimed_at_ms: int = 0
     claim_expires_at_ms: int = 0
+    claim_lease_fencing: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    parked: bool = False
 
     def batch(self) -> QueuedWorkBatch:
         """Decode for callers.
@@ -256,6 +323,45 @@ class QueuedBatchRow:
                 QueuedWorkItem(item_id=item_id, payload=decode_json(text))
                 for item_id, text in self.items
             ),
+            failures=self.failures,
+            last_error=self.last_error,
+            parked=self.parked,
+        )
+
+    def status(self) -> QueuedWorkStatus:
+        """This (still queued) batch's status.
+
+        Raises:
+            ValueError: as :meth:`batch`.
+        """
+        state = WorkState.PARKED if self.parked else WorkState.QUEUED
+        return QueuedWorkStatus(batch=self.batch(), state=state)
+
+
+@attrs.frozen(kw_only=True)
+class DeliveryRow:
+    """A delivered batch as a store keeps it: the queue row as it was delivered (claim columns
+    cleared), the turn that delivered it, and that turn's outcome as canonical JSON text."""
+
+    row: QueuedBatchRow
+    turn_id: str | None
+    head_revision: int
+    outcome: str | None
+    delivered_at_ms: int
+
+    def status(self) -> QueuedWorkStatus:
+        """The delivered batch's status, with its recorded outcome.
+
+        Raises:
+            ValueError: a column holds something no turnbuckle wrote.
+        """
+        return QueuedWorkStatus(
+            batch=self.row.batch(),
+            state=WorkState.DELIVERED,
+            turn_id=self.turn_id,
+            head_revision=self.head_revision,
+            outcome=None if self.outcome is None else decode_json(self.outcome),
+            delivered_at_ms=self.delivered_at_ms,
         )
 
 
@@ -297,8 +403,8 @@ def new_batch_row(
 
 
 def same_work(existing: QueuedBatchRow, fresh: QueuedBatchRow) -> QueuedBatchRow:
-    """The answer to enqueueing ``fresh`` when ``existing`` has its source key: the original
-    batch, if it is the same work.
+    """The answer to enqueueing ``fresh`` when ``existing`` (queued or delivered) has its source
+    key: the original batch, if it is the same work.
 
     Raises:
         QueuedWorkSourceKeyConflict: the key was used for different work.
@@ -315,13 +421,23 @@ def same_work(existing: QueuedBatchRow, fresh: QueuedBatchRow) -> QueuedBatchRow
 
     if content(existing) != content(fresh):
         assert fresh.source_key is not None
-        raise QueuedWorkSourceKeyConflict(fresh.session_id, fresh.source_key)
+        raise QueuedWorkSourceKeyConflict(fresh.session_id, fresh.source_key, existing.batch_id)
     return existing
 
 
-def is_claimed(row: QueuedBatchRow, now_ms: int) -> bool:
-    """True while a claim on the batch is live (an expired claim no longer holds it)."""
-    return row.claim_token is not None and now_ms < row.claim_expires_at_ms
+def is_claimed(row: QueuedBatchRow, now_ms: int, lease_fencing: int) -> bool:
+    """True while a claim holds the batch: not expired, and taken under the session's latest
+    lease grant (``lease_fencing``, the fencing token of the session's lease row)."""
+    return (
+        row.claim_token is not None
+        and now_ms < row.claim_expires_at_ms
+        and row.claim_lease_fencing == lease_fencing
+    )
+
+
+def is_pending(row: QueuedBatchRow, now_ms: int, lease_fencing: int) -> bool:
+    """True if the batch waits for a claim: not parked, and no live claim holds it."""
+    return not row.parked and not is_claimed(row, now_ms, lease_fencing)
 
 
 def _check_max(max_batches: object) -> int:
@@ -332,9 +448,15 @@ def _check_max(max_batches: object) -> int:
 
 
 def select_claim_prefix(
-    rows: Sequence[QueuedBatchRow], boundary: ClaimBoundary, max_batches: int, *, now_ms: int
+    rows: Sequence[QueuedBatchRow],
+    boundary: ClaimBoundary,
+    max_batches: int,
+    *,
+    now_ms: int,
+    lease_fencing: int,
 ) -> tuple[QueuedBatchRow, ...]:
-    """The batches a claim takes from one session's rows (in enqueue order); () for none.
+    """The batches a claim takes from one session's rows (in enqueue order) under the lease
+    grant ``lease_fencing``; () for none. See the module docstring for the rules.
 
     Raises:
         InvalidArgument: ``boundary`` is not a ClaimBoundary or ``max_batches`` out of range.
@@ -342,14 +464,18 @@ def select_claim_prefix(
     if not isinstance(boundary, ClaimBoundary):
         raise InvalidArgument(f"boundary must be a ClaimBoundary, got {boundary!r}")
     limit = _check_max(max_batches)
-    candidates = [r for r in rows if r.available_at_ms <= now_ms and not is_claimed(r, now_ms)]
+    idle = boundary is ClaimBoundary.IDLE
+    candidates = [
+        r
+        for r in rows
+        if not r.parked
+        and r.available_at_ms <= now_ms
+        and (idle or not is_claimed(r, now_ms, lease_fencing))
+    ]
     if limit == 0 or not candidates:
         return ()
     head = candidates[0]
-    if (
-        boundary is ClaimBoundary.ACTIVE_TURN_CHECKPOINT
-        and head.delivery != DeliveryPolicy.EARLIEST_SAFE_BOUNDARY.value
-    ):
+    if not idle and head.delivery != DeliveryPolicy.EARLIEST_SAFE_BOUNDARY.value:
         return ()  # the head blocks everything behind it: work is never reordered
     if head.slot == SlotPolicy.EXCLUSIVE.value:
         return (head,)
@@ -368,12 +494,27 @@ def select_claim_prefix(
     return tuple(taken)
 
 
+def check_batch_ids(batch_ids: object) -> tuple[str, ...]:
+    """Validate the ids of an exact claim.
+
+    Raises:
+        InvalidArgument: not a non-empty sequence of str.
+    """
+    if isinstance(batch_ids, str) or not isinstance(batch_ids, Sequence):
+        raise InvalidArgument(f"batch_ids must be a non-empty sequence of str, got {batch_ids!r}")
+    ids = tuple(batch_ids)
+    if not ids or not all(type(i) is str for i in ids):
+        raise InvalidArgument(f"batch_ids must be a non-empty sequence of str, got {batch_ids!r}")
+    return ids
+
+
 def select_by_batch_ids(
     rows: Sequence[QueuedBatchRow],
     boundary: ClaimBoundary,
     batch_ids: Sequence[str],
     *,
     now_ms: int,
+    lease_fencing: int,
 ) -> tuple[QueuedBatchRow, ...]:
     """The batches named, if they are exactly the prefix a claim would take now; else ().
     An exact claim never skips earlier work.
@@ -381,10 +522,10 @@ def select_by_batch_ids(
     Raises:
         InvalidArgument: ``batch_ids`` is empty or not a sequence of str.
     """
-    ids = () if isinstance(batch_ids, str) else tuple(batch_ids)  # a str is not a list of ids
-    if not ids or not all(type(i) is str for i in ids):
-        raise InvalidArgument(f"batch_ids must be a non-empty sequence of str, got {batch_ids!r}")
-    prefix = select_claim_prefix(rows, boundary, len(ids), now_ms=now_ms)
+    ids = check_batch_ids(batch_ids)
+    prefix = select_claim_prefix(
+        rows, boundary, len(ids), now_ms=now_ms, lease_fencing=lease_fencing
+    )
     return prefix if tuple(r.batch_id for r in prefix) == ids else ()
 
 
@@ -395,8 +536,10 @@ def claim_rows(
     *,
     now_ms: int,
     ids: IdSource,
+    lease_fencing: int,
 ) -> tuple[tuple[QueuedBatchRow, ...], QueuedWorkClaim]:
-    """Claim the selected batches (from :func:`select_claim_prefix`) for ``owner_id``.
+    """Claim the selected batches (from :func:`select_claim_prefix`) for ``owner_id`` under the
+    lease grant ``lease_fencing``.
 
     Raises:
         InvalidArgument: an empty owner or a ttl out of range.
@@ -419,6 +562,7 @@ def claim_rows(
             claim_fencing_token=fencing,
             claimed_at_ms=now_ms,
             claim_expires_at_ms=now_ms + ttl,
+            claim_lease_fencing=lease_fencing,
         )
         for row in selected
     )
@@ -440,34 +584,49 @@ def _owns(row: QueuedBatchRow | None, claim_id: str, token: str) -> bool:
 
 
 def check_completion(
-    rows: Sequence[QueuedBatchRow | None], completion: QueuedWorkCompletion
+    rows: Sequence[QueuedBatchRow | None], completion: QueuedWorkCompletion, lease_fencing: int
 ) -> None:
     """Check that a completion still owns every batch it names (``rows`` in the same order;
-    None for a batch that is gone).
+    None for a batch that is gone), under the lease grant ``lease_fencing`` of the commit.
 
     Raises:
-        QueuedWorkClaimExpired: some batch was abandoned, reclaimed, cancelled or delivered.
+        QueuedWorkClaimExpired: some batch was abandoned, reclaimed, cancelled or delivered,
+            or the claim was taken under another lease grant.
     """
     if (
         not completion.batch_ids
         or len(rows) != len(completion.batch_ids)
-        or not all(_owns(row, completion.claim_id, completion.lease_token) for row in rows)
+        or not all(
+            _owns(row, completion.claim_id, completion.lease_token)
+            and row is not None
+            and row.claim_lease_fencing == lease_fencing
+            for row in rows
+        )
     ):
         raise QueuedWorkClaimExpired(completion.session_id, completion.claim_id)
 
 
 def renew_rows(
-    rows: Sequence[QueuedBatchRow | None], claim: QueuedWorkClaim, ttl_ms: int, *, now_ms: int
+    rows: Sequence[QueuedBatchRow | None],
+    claim: QueuedWorkClaim,
+    ttl_ms: int,
+    *,
+    now_ms: int,
+    lease_fencing: int,
 ) -> tuple[tuple[QueuedBatchRow, ...], QueuedWorkClaim]:
     """Extend a live claim that still owns all its batches.
 
     Raises:
-        QueuedWorkClaimExpired: the claim expired or lost a batch.
+        QueuedWorkClaimExpired: the claim expired, lost a batch, or a newer lease was granted.
         InvalidArgument: a ttl out of range.
     """
     ttl = check_ttl(ttl_ms)
-    check_completion(rows, claim.completion())
-    if not all(row is not None and is_claimed(row, now_ms) for row in rows):
+    if not all(
+        row is not None
+        and _owns(row, claim.claim_id, claim.lease_token)
+        and is_claimed(row, now_ms, lease_fencing)
+        for row in rows
+    ) or len(rows) != len(claim.batches):
         raise QueuedWorkClaimExpired(claim.session_id, claim.claim_id)
     expires = max(claim.expires_at_ms, now_ms + ttl)
     renewed = tuple(
@@ -476,20 +635,75 @@ def renew_rows(
     return renewed, attrs.evolve(claim, expires_at_ms=expires)
 
 
+def _unclaimed(row: QueuedBatchRow) -> QueuedBatchRow:
+    return attrs.evolve(
+        row,
+        claim_id=None,
+        claim_owner_id=None,
+        claim_token=None,
+        claimed_at_ms=0,
+        claim_expires_at_ms=0,
+        claim_lease_fencing=0,
+    )
+
+
 def abandon_rows(
     rows: Sequence[QueuedBatchRow | None], claim: QueuedWorkClaim
 ) -> tuple[QueuedBatchRow, ...]:
     """The batches to give back to the queue: those the claim still owns (idempotent; a
     batch already reclaimed by someone else is left alone)."""
     return tuple(
-        attrs.evolve(
-            row,
-            claim_id=None,
-            claim_owner_id=None,
-            claim_token=None,
-            claimed_at_ms=0,
-            claim_expires_at_ms=0,
-        )
+        _unclaimed(row)
         for row in rows
         if row is not None and _owns(row, claim.claim_id, claim.lease_token)
+    )
+
+
+def fail_rows(
+    rows: Sequence[QueuedBatchRow | None], claim: QueuedWorkClaim, error: str, max_failures: int
+) -> tuple[QueuedBatchRow, ...]:
+    """Give back the batches the claim still owns after a failed turn: each counts the failure
+    and keeps ``error``; those that reached ``max_failures`` failures are parked.
+
+    Raises:
+        InvalidArgument: ``error`` is not a str or ``max_failures`` is not a positive int.
+    """
+    check_text("error", error)
+    check_int64("max_failures", max_failures, minimum=1)
+    failed = []
+    for row in rows:
+        if row is None or not _owns(row, claim.claim_id, claim.lease_token):
+            continue
+        failures = row.failures + 1
+        failed.append(
+            attrs.evolve(
+                _unclaimed(row),
+                failures=failures,
+                last_error=error,
+                parked=failures >= max_failures,
+            )
+        )
+    return tuple(failed)
+
+
+def unpark_row(row: QueuedBatchRow) -> QueuedBatchRow:
+    """A parked batch back in the queue, at its old place, with its failures forgotten."""
+    return attrs.evolve(row, parked=False, failures=0, last_error=None)
+
+
+def deliver_row(
+    row: QueuedBatchRow,
+    *,
+    turn_id: str | None,
+    head_revision: int,
+    outcome: str | None,
+    now_ms: int,
+) -> DeliveryRow:
+    """What a commit keeps of a batch it delivered."""
+    return DeliveryRow(
+        row=_unclaimed(row),
+        turn_id=turn_id,
+        head_revision=head_revision,
+        outcome=outcome,
+        delivered_at_ms=now_ms,
     )

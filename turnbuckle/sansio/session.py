@@ -17,10 +17,13 @@ decides, in this order, from the rows the store read in the same transaction:
    ``RuntimeTurnCommitConflict``;
 3. the live lease fence (``SessionExecutionLeaseExpired``);
 4. the head CAS, if the commit names an expected revision (``HeadRevisionConflict``);
-5. ownership of every completed queue claim (``QueuedWorkClaimExpired``).
+5. ownership of every completed queue claim, taken under the commit's own lease grant
+   (``QueuedWorkClaimExpired``).
 
 Only then are the writes planned: checkpoint blobs, usage, the graph delta, head revision + 1,
-queue deletions, attachment stamps, the turn stamp, and the lease release.
+the delivered batches (each leaves the queue for the session's deliveries, with the turn id and
+the commit's ``outcome``: the durable answer to those messages), attachment stamps, the turn
+stamp, and the lease release.
 
 Checkpoint snapshots are bytes, stored as content-addressed blobs (sha256); the checkpoint itself
 is a small JSON manifest naming them, stored as a blob too, and ``checkpoint_ref`` is its address.
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final, TypeAlias
 
 import attrs
@@ -50,9 +53,22 @@ from turnbuckle.errors import (
     SessionBindingMismatch,
     SessionExecutionLeaseExpired,
 )
-from turnbuckle.sansio.codec import JSON, check_int64, check_text, decode_json, encode_json
+from turnbuckle.sansio.codec import (
+    JSON,
+    check_int64,
+    check_text,
+    decode_json,
+    encode_json,
+    sequence,
+)
 from turnbuckle.sansio.lease import LeaseFence, LeaseRow, check_fence, release_lease
-from turnbuckle.sansio.queue import QueuedBatchRow, QueuedWorkCompletion, check_completion
+from turnbuckle.sansio.queue import (
+    DeliveryRow,
+    QueuedBatchRow,
+    QueuedWorkCompletion,
+    check_completion,
+    deliver_row,
+)
 
 __all__ = [
     "ActivePath",
@@ -78,11 +94,6 @@ __all__ = [
     "blob_ref",
     "turn_commit_hash",
 ]
-
-
-def _tuple(items: Iterable[Any]) -> tuple[Any, ...]:
-    """Sequence fields take any iterable and are stored as a tuple (frozen all the way)."""
-    return tuple(items)
 
 
 # --- the graph -------------------------------------------------------------------------------
@@ -111,7 +122,7 @@ class GraphUnchanged:
 class GraphAppend:
     """The commit appends ``nodes`` (in order) and may move the leaf."""
 
-    nodes: tuple[SessionNode, ...] = attrs.field(converter=_tuple)
+    nodes: tuple[SessionNode, ...] = attrs.field(converter=sequence)
     leaf: str | None = None
 
 
@@ -119,7 +130,7 @@ class GraphAppend:
 class GraphReplace:
     """The commit replaces the whole graph."""
 
-    nodes: tuple[SessionNode, ...] = attrs.field(converter=_tuple)
+    nodes: tuple[SessionNode, ...] = attrs.field(converter=sequence)
     leaf: str | None = None
 
 
@@ -255,14 +266,17 @@ class RuntimeCommit:
     #: Release this lease in the same transaction.
     release: LeaseFence | None = None
     config: JSON = None
-    agent_frames: tuple[AgentFrame, ...] = attrs.field(default=(), converter=_tuple)
+    agent_frames: tuple[AgentFrame, ...] = attrs.field(default=(), converter=sequence)
     current_agent_frame_id: str | None = None
     graph: GraphDelta = GraphUnchanged()
     checkpoint: Checkpoint = Checkpoint()
-    usage: tuple[UsageEntry, ...] = attrs.field(default=(), converter=_tuple)
+    usage: tuple[UsageEntry, ...] = attrs.field(default=(), converter=sequence)
     turn_commit: TurnCommitStamp | None = None
-    completed_claims: tuple[QueuedWorkCompletion, ...] = attrs.field(default=(), converter=_tuple)
-    committed_attachment_ids: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
+    completed_claims: tuple[QueuedWorkCompletion, ...] = attrs.field(default=(), converter=sequence)
+    #: The turn's outcome (the host's JSON), kept with every batch this commit delivers: the
+    #: durable answer to those messages.
+    outcome: JSON = None
+    committed_attachment_ids: tuple[str, ...] = attrs.field(default=(), converter=sequence)
 
 
 @attrs.frozen(kw_only=True)
@@ -366,6 +380,7 @@ def _commit_body(commit: RuntimeCommit) -> dict[str, JSON]:
         ],
         "completed_claims": [[c.claim_id, list(c.batch_ids)] for c in commit.completed_claims],
         "committed_attachment_ids": list(commit.committed_attachment_ids),
+        "outcome": commit.outcome,
     }
 
 
@@ -471,6 +486,7 @@ def check_commit_shape(commit: object, limit: int) -> RuntimeCommit:
             check_text("batch_id", batch_id)
     for attachment_id in commit.committed_attachment_ids:
         check_text("attachment_id", attachment_id, limit=limit)
+    _check_json("outcome", commit.outcome, limit)
     return commit
 
 
@@ -508,7 +524,8 @@ class CommitPlan:
     nodes: tuple[SessionNode, ...] = ()
     replace_graph: bool = False
     usage: tuple[UsageEntry, ...] = ()
-    delete_batch_ids: tuple[str, ...] = ()
+    #: The batches delivered: each leaves the queue for the session's deliveries.
+    deliveries: tuple[DeliveryRow, ...] = ()
     attachment_ids: tuple[str, ...] = ()
     stamp: TurnStampRow | None = None
 
@@ -525,7 +542,8 @@ def check_commit(
 ) -> CommitPlan:
     """Decide a commit (see the module docstring for the order of checks).
 
-    ``claimed`` holds, per completed claim, the stored rows of its batch ids (None: gone).
+    ``claimed`` holds, per completed claim, the stored rows of its batch ids (None: gone);
+    every one must still be owned by its claim, taken under the commit's own lease grant.
 
     Raises:
         SessionBindingMismatch, RuntimeTurnCommitConflict, SessionExecutionLeaseExpired,
@@ -549,7 +567,7 @@ def check_commit(
     if expected is not None and expected != actual:
         raise HeadRevisionConflict(expected, actual)
     for completion, rows in zip(commit.completed_claims, claimed, strict=True):
-        check_completion(rows, completion)
+        check_completion(rows, completion, commit.lease.fencing_token)
     blobs, checkpoint_ref, state = _head_state(commit, head)
     revision = actual + 1
     result = CommitResult(head_revision=revision, checkpoint_ref=checkpoint_ref)
@@ -572,7 +590,20 @@ def check_commit(
         nodes=getattr(graph, "nodes", ()),
         replace_graph=isinstance(graph, GraphReplace),
         usage=commit.usage,
-        delete_batch_ids=tuple(i for c in commit.completed_claims for i in c.batch_ids),
+        deliveries=tuple(
+            deliver_row(
+                row,
+                turn_id=None if commit.turn_commit is None else commit.turn_commit.turn_id,
+                head_revision=revision,
+                outcome=None
+                if commit.outcome is None
+                else encode_json(commit.outcome, limit=1 << 62),
+                now_ms=now_ms,
+            )
+            for rows in claimed
+            for row in rows
+            if row is not None  # check_completion saw every one
+        ),
         attachment_ids=commit.committed_attachment_ids,
         stamp=stamp_row,
     )

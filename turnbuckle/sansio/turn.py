@@ -46,7 +46,7 @@ import cattrs
 from cattrs.strategies import configure_tagged_union
 
 from turnbuckle.errors import CorruptRecordError, InvalidArgument
-from turnbuckle.sansio.codec import JSON, encode_json
+from turnbuckle.sansio.codec import JSON, encode_json, sequence
 from turnbuckle.sansio.session import TokenUsage
 
 __all__ = [
@@ -86,10 +86,6 @@ class UnexpectedResponse(InvalidArgument):
     _template = "effect {effect_id} awaits {expected}, got {got}"
 
 
-def _tuple(items: Iterable[Any]) -> tuple[Any, ...]:
-    return tuple(items)
-
-
 _NO_USAGE: Final = TokenUsage()
 
 
@@ -110,7 +106,7 @@ class Message:
     message_id: str
     role: str
     text: str = ""
-    tool_calls: tuple[ToolCall, ...] = attrs.field(default=(), converter=_tuple)
+    tool_calls: tuple[ToolCall, ...] = attrs.field(default=(), converter=sequence)
     #: For a tool message: the call it answers.
     tool_call_id: str | None = None
 
@@ -119,8 +115,8 @@ class Message:
 class ModelRequest:
     """What the host sends to its model."""
 
-    messages: tuple[Message, ...] = attrs.field(converter=_tuple)
-    tools: tuple[str, ...] = attrs.field(converter=_tuple)
+    messages: tuple[Message, ...] = attrs.field(converter=sequence)
+    tools: tuple[str, ...] = attrs.field(converter=sequence)
     iteration: int
 
 
@@ -138,7 +134,7 @@ class StopReason(enum.Enum):
 @attrs.frozen(kw_only=True)
 class ModelResponse:
     text: str = ""
-    tool_calls: tuple[ToolCall, ...] = attrs.field(default=(), converter=_tuple)
+    tool_calls: tuple[ToolCall, ...] = attrs.field(default=(), converter=sequence)
     stop_reason: StopReason = StopReason.STOP
     usage: TokenUsage = _NO_USAGE
 
@@ -200,7 +196,7 @@ class RunTools:
     """Run these calls (concurrently, if the host likes) and reply with every result."""
 
     effect_id: int
-    calls: tuple[ToolCall, ...] = attrs.field(converter=_tuple)
+    calls: tuple[ToolCall, ...] = attrs.field(converter=sequence)
 
 
 @attrs.frozen(kw_only=True)
@@ -222,7 +218,7 @@ class Progress:
     """A persistable boundary: the conversation so far."""
 
     effect_id: int
-    messages: tuple[Message, ...] = attrs.field(converter=_tuple)
+    messages: tuple[Message, ...] = attrs.field(converter=sequence)
     iteration: int
 
 
@@ -230,7 +226,7 @@ class Progress:
 class Done:
     effect_id: int
     outcome: TurnOutcome
-    messages: tuple[Message, ...] = attrs.field(converter=_tuple)
+    messages: tuple[Message, ...] = attrs.field(converter=sequence)
     iteration: int
 
 
@@ -253,7 +249,7 @@ class ModelFailed:
 @attrs.frozen(kw_only=True)
 class ToolsFinished:
     effect_id: int
-    results: tuple[ToolResult, ...] = attrs.field(converter=_tuple)
+    results: tuple[ToolResult, ...] = attrs.field(converter=sequence)
 
 
 @attrs.frozen(kw_only=True)
@@ -261,7 +257,7 @@ class CheckpointDelivered:
     """Input injected at a checkpoint (user or system messages), possibly none."""
 
     effect_id: int
-    messages: tuple[Message, ...] = attrs.field(default=(), converter=_tuple)
+    messages: tuple[Message, ...] = attrs.field(default=(), converter=sequence)
 
 
 Response: TypeAlias = ModelReplied | ModelFailed | ToolsFinished | CheckpointDelivered
@@ -282,14 +278,14 @@ class TurnState:
     """The whole machine, as a value (see the module docstring)."""
 
     phase: Phase
-    messages: tuple[Message, ...] = attrs.field(converter=_tuple)
-    tools: tuple[str, ...] = attrs.field(converter=_tuple)
+    messages: tuple[Message, ...] = attrs.field(converter=sequence)
+    tools: tuple[str, ...] = attrs.field(converter=sequence)
     max_turns: int
     iteration: int = 0
     next_effect_id: int = 1
     next_message: int = 1
     #: Effects emitted but not yet polled, in order.
-    pending: tuple[Effect, ...] = attrs.field(default=(), converter=_tuple)
+    pending: tuple[Effect, ...] = attrs.field(default=(), converter=sequence)
     #: The polled effect awaiting its reply (None when finished).
     waiting: Effect | None = None
     #: The awaited effect must be polled again (set by a restore after it was polled).

@@ -11,8 +11,9 @@ Actors:
 
 - *session clients* take a session's execution lease, enqueue queued work (unique source keys),
   claim it under their lease and commit its completion (sometimes with a turn stamp, sometimes
-  releasing the lease in the same commit), renew and release; they stall (their lease and claim
-  run out) and crash (drop their lease and claim and come back as a new owner);
+  releasing the lease in the same commit), fail it (a failed turn: at the second failure a batch
+  is parked) and unpark it, renew and release; they stall (their lease and claim run out) and
+  crash (drop their lease and claim and come back as a new owner);
 - *task clients* create MCP tasks and move them through random (legal and illegal)
   transitions, complete, fail and cancel them;
 - *execution workers* create executions, claim and reclaim them, renew, complete and fail
@@ -203,9 +204,12 @@ class _Grant:
 class _BatchModel:
     alias: str
     source_key: str
+    seq: int
+    #: The token of the latest claim on it (a later claim voids every earlier one).
     claim_token: str | None = None
-    claim_expires_at_ms: int = 0
     delivered_by: str | None = None
+    failures: int = 0
+    parked: bool = False
 
 
 @attrs.define
@@ -243,8 +247,11 @@ class _SessionClient:
     incarnation: int = 0
     lease: SessionLease | None = None
     claim: QueuedWorkClaim | None = None
-    #: Older claims it still remembers (a turn that claimed again, or abandoned one).
-    stale: list[QueuedWorkClaim] = attrs.Factory(list)
+    #: The fencing token of the lease grant ``claim`` was taken under.
+    claim_grant: int = 0
+    #: Older claims it still remembers, with their grants (a turn that claimed again, or
+    #: abandoned one).
+    stale: list[tuple[QueuedWorkClaim, int]] = attrs.Factory(list)
     stalled_until: int = -1
 
     @property
@@ -409,24 +416,36 @@ class _Sim:
         if r < 0.3:
             return self.stall(c)
         if c.lease is None:
+            if c.stale and rng.random() < 0.7:
+                # Back to the session it held a claim in (a zombie that woke up).
+                return await self.claim_lease(c, c.stale[-1][0].session_id)
             return await self.claim_lease(c, rng.choice(_SESSIONS))
         if r < 0.4:
             return await self.renew_lease(c)
         if r < 0.45:
             return await self.release_lease(c)
         if c.claim is None:
+            sid = c.lease.session_id
+            if r < 0.5:
+                unparked = await self.unpark(sid)
+                if unparked is not None:
+                    return unparked
+            if r < 0.6 and c.stale and c.stale[-1][0].session_id == sid:
+                return "zombie: " + await self.commit(c)  # delivers a claim it kept
             return await self.claim_work(c)
         r = rng.random()
         if r < 0.1:
             return await self.abandon(c)
         if r < 0.2:
-            self.remember(c, c.claim)  # claims again, remembering the old claim
+            self.remember(c, c.claim, c.claim_grant)  # claims again, remembering the old claim
             c.claim = None
             return "claim again: " + await self.claim_work(c)
+        if r < 0.3:
+            return await self.fail_work(c)
         return await self.commit(c)
 
-    def remember(self, c: _SessionClient, claim: QueuedWorkClaim) -> None:
-        c.stale = [*c.stale[-1:], claim]
+    def remember(self, c: _SessionClient, claim: QueuedWorkClaim, grant: int) -> None:
+        c.stale = [*c.stale[-1:], (claim, grant)]
 
     async def abandon(self, c: _SessionClient) -> str:
         assert c.claim is not None
@@ -441,9 +460,60 @@ class _Sim:
             bm = model.batches.get(b.batch_id)
             if bm is not None and bm.claim_token == claim.lease_token:
                 bm.claim_token = None
-        self.remember(c, claim)
+        self.remember(c, claim, c.claim_grant)
         self.ack("work_abandon")
         return f"abandon {claim.session_id} ok"
+
+    async def fail_work(self, c: _SessionClient) -> str:
+        """A failed turn hands its claim back; a batch's second failure parks it."""
+        assert c.claim is not None
+        claim, sessions = c.claim, self.store.sessions
+        c.claim = None
+        try:
+            parked = await self.call(lambda: sessions.fail_queued_work(claim, "sim failure", 2))
+            tag = ""
+        except _ReplyLost:
+            # It applied (the reply is what was lost) and gave the claim up: a retry owns
+            # nothing and changes nothing.
+            parked, tag = await sessions.fail_queued_work(claim, "sim failure", 2), "lost, "
+            if parked:
+                self.violate(f"{claim.session_id}: a repeated fail parked work again")
+        model = self.sessions[claim.session_id]
+        expect_parked = []
+        for b in claim.batches:
+            bm = model.batches.get(b.batch_id)
+            if bm is None or bm.claim_token != claim.lease_token:
+                continue
+            bm.claim_token = None
+            bm.failures += 1
+            if bm.failures >= 2:
+                bm.parked = True
+                expect_parked.append(b.batch_id)
+        if not tag and [b.batch_id for b in parked] != expect_parked:
+            self.violate(f"{claim.session_id}: fail parked {len(parked)}, model {expect_parked}")
+        self.ack("work_fail")
+        return f"fail {claim.session_id} {tag}ok parked={len(expect_parked)}"
+
+    async def unpark(self, sid: str) -> str | None:
+        model = self.sessions[sid]
+        parked = [(bm.seq, bid) for bid, bm in model.batches.items() if bm.parked]
+        if not parked:
+            return None
+        _, bid = min(parked)
+        sessions = self.store.sessions
+        try:
+            back = await self.call(lambda: sessions.unpark_queued_work(sid, bid))
+            tag = ""
+        except _ReplyLost:
+            back, tag = await sessions.unpark_queued_work(sid, bid), "lost, "  # now not parked
+            if back is not None:
+                self.violate(f"{sid}: a repeated unpark found the batch parked again")
+        if not tag and back is None:
+            self.violate(f"{sid}: unpark of {model.batches[bid].alias} found nothing parked")
+        bm = model.batches[bid]
+        bm.parked, bm.failures = False, 0
+        self.ack("work_unpark")
+        return f"unpark {sid} {bm.alias} {tag}ok"
 
     def lease_live(self, sid: str) -> _Grant | None:
         g = self.sessions[sid].grant
@@ -513,7 +583,7 @@ class _Sim:
         self.note_grant(sid, got, "claim")
         c.lease = got
         if c.claim is not None and c.claim.session_id != sid:
-            self.remember(c, c.claim)
+            self.remember(c, c.claim, c.claim_grant)
             c.claim = None
         return f"claim_lease {sid} {tag}granted fencing={got.fencing_token}"
 
@@ -528,6 +598,8 @@ class _Sim:
                 got = await sessions.renew_lease(lease.fence(), ttl)
         except SessionExecutionLeaseExpired:
             self.check_refused(lease, "renew")
+            if c.claim is not None:  # a zombie keeps its claim, and may try to deliver it
+                self.remember(c, c.claim, c.claim_grant)
             c.lease = c.claim = None
             return f"renew_lease {lease.session_id} expired"
         self.check_fenced(lease, "renew")
@@ -582,7 +654,9 @@ class _Sim:
         if batch.batch_id in model.batches:
             self.violate(f"{sid}: enqueue of {key} returned an existing batch")
             return f"enqueue {sid} {key} {tag}reused"
-        model.batches[batch.batch_id] = _BatchModel(alias=key, source_key=key)
+        model.batches[batch.batch_id] = _BatchModel(
+            alias=key, source_key=key, seq=batch.enqueue_seq
+        )
         self.ack("enqueue")
         if self.duplicate():
             again = await sessions.enqueue(draft)
@@ -609,9 +683,12 @@ class _Sim:
             c.lease = None
             return f"claim_work {sid} lease expired"
         self.check_fenced(lease, "claim_work")
+        model = self.sessions[sid]
+        waiting = self.waiting(sid)
         if claim is None:
+            if waiting:
+                self.violate(f"{sid}: an idle claim found nothing, {waiting[0].alias} waits")
             return f"claim_work {sid} nothing"
-        model, now = self.sessions[sid], self.now()
         aliases = []
         for b in claim.batches:
             bm = model.batches.get(b.batch_id)
@@ -621,20 +698,23 @@ class _Sim:
             aliases.append(bm.alias)
             if bm.delivered_by is not None:
                 self.violate(f"{sid}: claimed {bm.alias}, already delivered by {bm.delivered_by}")
-            if bm.claim_token not in (None, claim.lease_token) and now < bm.claim_expires_at_ms:
-                self.violate(f"{sid}: {bm.alias} claimed while another claim is live")
-            bm.claim_token, bm.claim_expires_at_ms = claim.lease_token, claim.expires_at_ms
-        c.claim = claim
+            bm.claim_token = claim.lease_token
+        # Order: an idle claim takes the head of the work waiting, whoever held it.
+        if aliases != [bm.alias for bm in waiting[: len(aliases)]]:
+            head = waiting[0].alias if waiting else None
+            self.violate(f"{sid}: an idle claim took {aliases}, not the head ({head})")
+        c.claim, c.claim_grant = claim, lease.fencing_token
         self.ack("work_claim")
         return f"claim_work {sid} ok {','.join(aliases)}"
 
     async def commit(self, c: _SessionClient) -> str:
-        assert c.lease is not None and c.claim is not None
-        lease, claim, rng = c.lease, c.claim, self.rng
-        if c.stale and c.stale[-1].session_id == lease.session_id and rng.random() < 0.3:
-            claim = c.stale.pop()  # a stale claim: the store decides whether it still owns
+        assert c.lease is not None
+        lease, rng = c.lease, self.rng
+        stale = bool(c.stale) and c.stale[-1][0].session_id == lease.session_id
+        if c.claim is None or (stale and rng.random() < 0.5):
+            claim, grant = c.stale.pop()  # a stale claim: the store decides whether it owns
         else:
-            c.claim = None
+            claim, grant, c.claim = c.claim, c.claim_grant, None
         sid, n = lease.session_id, self.next_n()
         commit = RuntimeCommit(
             session_id=sid,
@@ -676,6 +756,14 @@ class _Sim:
         self.check_fenced(lease, "commit")
         model = self.sessions[sid]
         model.commits += 1
+        if grant != lease.fencing_token:
+            self.violate(f"{sid}: a commit delivered a claim taken under an older lease grant")
+        delivered = {b.batch_id for b in claim.batches}
+        first = min((model.batches[i].seq for i in delivered if i in model.batches), default=0)
+        skipped = [bm.alias for bm in self.waiting(sid) if bm.seq < first]
+        skipped = [a for a in skipped if a not in {model.batches[i].alias for i in delivered}]
+        if skipped:
+            self.violate(f"{sid}: delivered out of order, before {skipped}")
         if result.head_revision not in (-1, model.commits):
             self.violate(
                 f"{sid}: commit reached revision {result.head_revision}, model {model.commits}"
@@ -704,6 +792,12 @@ class _Sim:
                 self.violate(f"{sid}: a duplicate stamped commit did not replay its result")
             return f"{label}{tag} ok, duplicate replayed"
         return f"{label}{tag} ok"
+
+    def waiting(self, sid: str) -> list[_BatchModel]:
+        """The session's acknowledged work not yet delivered nor parked, in enqueue order."""
+        model = self.sessions[sid]
+        left = [bm for bm in model.batches.values() if bm.delivered_by is None and not bm.parked]
+        return sorted(left, key=lambda bm: bm.seq)
 
     # --- execution workers ---
 
@@ -1033,6 +1127,13 @@ class _Sim:
             # Queued work: acknowledged enqueues are queued or delivered exactly once.
             stored = await sessions.list_queued_work(sid)
             present = {b.batch_id for b in stored}
+            for b in stored:
+                bm = model.batches.get(b.batch_id)
+                if bm is not None and (b.parked, b.failures) != (bm.parked, bm.failures):
+                    self.violate(
+                        f"{sid}: {bm.alias} parked={b.parked} failures={b.failures}, model"
+                        f" parked={bm.parked} failures={bm.failures}"
+                    )
             for bid, bm in model.batches.items():
                 if bm.delivered_by is None and bid not in present:
                     self.violate(f"{sid}: acknowledged enqueue {bm.alias} lost")

@@ -11,19 +11,28 @@ with the reference's names, translated to turnbuckle's API:
   :class:`~turnbuckle.adapters.sessions.SessionHandle` from ``store.sessions.bind()`` does that,
   while leases, queued work, metadata and attachments are addressed by session id;
 - payloads (turn inputs, wakes, node events) are plain JSON, snapshots are bytes;
-- a source key replayed with *different* content is refused (``QueuedWorkSourceKeyConflict``)
-  where the reference silently returns the original: the reference scenario replays the same
-  work, and :func:`source_key_conflict_keeps_the_original` covers the difference;
+- a source key replayed with *different* content is refused (``QueuedWorkSourceKeyConflict``,
+  naming the original batch) where the reference silently returns the original: the reference
+  scenario replays the same work, and :func:`source_key_conflict_keeps_the_original` covers the
+  difference;
+- claims keep order across lease handovers (see :mod:`turnbuckle.sansio.queue`): a claim taken
+  under a lease grant is void once a newer grant exists, and an idle claim starts from the head
+  of the queue. Where a reference scenario took successive claims, each under a lease of its own,
+  and expected each to take the work behind the last, here the claimed work is delivered (a
+  commit completes it) before the next claim, or the next claim is a checkpoint claim by the same
+  lease holder (scenario 11's "checkpoint claim after the head is leased");
 - every turnbuckle store keeps an attachment manifest, so the reference's alternative for stores
   without one (``noop_attachment_manifest_is_explicit_and_empty``) is not ported;
 - where the reference only says "expiry extended", a FakeClock is advanced so the scenario can
   check that it really was.
 
 Two more reference scenarios need a store that can be reopened; they are in
-:data:`SESSION_REOPEN_SCENARIOS`, where ``make`` opens the *same* store on every call. The rest
-of :data:`SESSION_SCENARIOS` covers bad input: stale and forged tokens, out-of-range numbers,
-unknown ids, conflicting source keys, bad payloads, mistyped commit fields, bad read scopes and
-stale head revisions; each checks that nothing was written.
+:data:`SESSION_REOPEN_SCENARIOS`, where ``make`` opens the *same* store on every call. Beyond the
+reference, :data:`SESSION_SCENARIOS` covers order across lease handovers, failed work that is
+parked and resubmitted, deliveries that keep their outcome (and their source keys), and bad
+input: stale and forged tokens, out-of-range numbers, unknown ids, conflicting source keys, bad
+payloads, mistyped commit fields, bad read scopes and stale head revisions; each checks that
+nothing was written.
 
 Run them all with :func:`runtime_persistence` (and :func:`runtime_persistence_reopenable` for a
 durable store), or one by one.
@@ -61,6 +70,7 @@ from turnbuckle.sansio.queue import (
     QueuedWorkClaim,
     QueuedWorkDraft,
     SlotPolicy,
+    WorkState,
 )
 from turnbuckle.sansio.session import (
     ActivePath,
@@ -156,6 +166,11 @@ def _items(*items: object) -> Any:
     return items
 
 
+def _not_json() -> Any:
+    """A value with no JSON form (typed Any, so it can go where JSON is expected)."""
+    return {1, 2}
+
+
 def _ids(batches: Sequence[QueuedWorkBatch]) -> list[str]:
     return [b.batch_id for b in batches]
 
@@ -225,6 +240,29 @@ async def _claim(
         )
     finally:
         await _release(store, lease)
+
+
+async def _hold(
+    store: Store,
+    session_id: str,
+    owner_id: str,
+    boundary: ClaimBoundary = IDLE,
+    *,
+    max_batches: int = 10,
+) -> tuple[SessionLease, QueuedWorkClaim]:
+    """Take the session's lease and claim its ready work, keeping the lease."""
+    lease = await _lease(store, session_id, owner_id)
+    claim = await store.sessions.claim_queued_work(
+        session_id, lease.fence(), owner_id, boundary, TTL, max_batches
+    )
+    assert claim is not None, f"{session_id!r} should have ready queued work"
+    return lease, claim
+
+
+async def _deliver(store: Store, lease: SessionLease, *claims: QueuedWorkClaim) -> CommitResult:
+    """Deliver ``claims`` with a commit under ``lease`` that releases it."""
+    commit = state(lease.session_id, completed_claims=[c.completion() for c in claims])
+    return await store.sessions.bind(lease.session_id).commit(fenced(commit, lease))
 
 
 async def _claimed(
@@ -689,10 +727,15 @@ async def queued_work_claims_respect_boundaries_renewal_and_abandon(make: StoreF
         assert await _claim(store, "root", "owner-a", CHECKPOINT) is None, (
             "after-current-commit work at the queue head must wait for the idle boundary"
         )
-        idle_claim = await _claimed(store, "root", "owner-a", IDLE)
+        lease, idle_claim = await _hold(store, "root", "owner-a", IDLE)
         assert _ids(idle_claim.batches) == [after_commit.batch_id]
-        checkpoint_claim = await _claimed(store, "root", "owner-b", CHECKPOINT)
+        # The holder's own turn has the head: its checkpoint takes the work behind it.
+        checkpoint_claim = await sessions.claim_queued_work(
+            "root", lease.fence(), "owner-a", CHECKPOINT, TTL, 10
+        )
+        assert checkpoint_claim is not None, "checkpoint claim after head is leased"
         assert _ids(checkpoint_claim.batches) == [earliest.batch_id]
+        await _release(store, lease)
         await sessions.abandon_queued_work_claim(idle_claim)
         reclaimed = await _claimed(store, "root", "owner-c", IDLE)
         assert _ids(reclaimed.batches) == [after_commit.batch_id]
@@ -734,12 +777,14 @@ async def queued_work_respects_availability_limits_exclusivity_reclaim_and_sessi
         other = await sessions.enqueue(
             queued_turn_input_draft("other", "other session", ESB, EXCLUSIVE)
         )
-        claim = await _claimed(store, "root", "owner-a")
+        lease, claim = await _hold(store, "root", "owner-a")
         assert _ids(claim.batches) == [exclusive.batch_id], (
             "an exclusive batch must claim alone and unavailable earlier work must be skipped"
         )
-        next_root = await _claimed(store, "root", "owner-b")
+        await _deliver(store, lease, claim)
+        lease, next_root = await _hold(store, "root", "owner-b")
         assert _ids(next_root.batches) == [joined.batch_id]
+        await _deliver(store, lease, next_root)
         assert await _claim(store, "root", "owner-b") is None, "only unavailable work is left"
         other_claim = await _claimed(store, "other", "owner-c")
         assert _ids(other_claim.batches) == [other.batch_id], (
@@ -767,8 +812,9 @@ async def queued_work_respects_availability_limits_exclusivity_reclaim_and_sessi
             )
             for text in ("one", "two", "three")
         ]
-        capped = await _claimed(store, "limited", "owner", max_batches=2)
+        lease, capped = await _hold(store, "limited", "owner", max_batches=2)
         assert _ids(capped.batches) == _ids(limited[:2]), "max_batches must cap a join claim"
+        await _deliver(store, lease, capped)
         remaining = await _claimed(store, "limited", "owner-next")
         assert _ids(remaining.batches) == [limited[2].batch_id]
 
@@ -788,12 +834,14 @@ async def queued_work_join_groups_by_delivery_policy_and_merge_key(make: StoreFa
         second = await join("group a two", ESB, "a")
         different_merge = await join("group b", ESB, "b")
         different_delivery = await join("after commit", AFTER, "a")
-        first_claim = await _claimed(store, "root", "owner-a")
+        lease, first_claim = await _hold(store, "root", "owner-a")
         assert _ids(first_claim.batches) == [first.batch_id, second.batch_id], (
             "join claims must group only adjacent batches with the same delivery and merge key"
         )
-        second_claim = await _claimed(store, "root", "owner-b")
+        await _deliver(store, lease, first_claim)
+        lease, second_claim = await _hold(store, "root", "owner-b")
         assert _ids(second_claim.batches) == [different_merge.batch_id]
+        await _deliver(store, lease, second_claim)
         third_claim = await _claimed(store, "root", "owner-c")
         assert _ids(third_claim.batches) == [different_delivery.batch_id]
 
@@ -865,12 +913,17 @@ async def queued_wake_delivery_is_source_key_idempotent_and_claimed_once(
         assert len(claim.batches[0].items) == 1
         assert claim.batches[0].items[0].payload == wake
         assert (
-            await sessions.claim_queued_work("root", lease.fence(), "wake-owner", IDLE, TTL, 10)
+            await sessions.claim_queued_work(
+                "root", lease.fence(), "wake-owner", CHECKPOINT, TTL, 10
+            )
             is None
         ), "a claimed wake is not claimed twice"
         handle = sessions.bind()
         await handle.commit(fenced(state("root", completed_claims=[claim.completion()]), lease))
         assert await sessions.list_queued_work("root") == [], "delivered exactly once"
+        again = await sessions.enqueue(draft)
+        assert again.batch_id == first.batch_id, "a replay after delivery is still the original"
+        assert await sessions.list_queued_work("root") == [], "and is not delivered again"
 
 
 async def queue_completion_and_turn_commit_stamp_are_atomic(make: StoreFactory) -> None:
@@ -1182,7 +1235,7 @@ async def stale_or_forged_queue_claims_write_nothing(make: StoreFactory) -> None
         sessions = store.sessions
         first = await sessions.enqueue(queued_turn_input_draft("root", "first", ESB, EXCLUSIVE))
         second = await sessions.enqueue(queued_turn_input_draft("root", "second", ESB, EXCLUSIVE))
-        claim = await _claimed(store, "root", "owner")
+        lease, claim = await _hold(store, "root", "committer")
         assert _ids(claim.batches) == [first.batch_id]
         forged = attrs.evolve(claim, lease_token=claim.lease_token + ":forged")
         other_id = attrs.evolve(claim, claim_id=claim.claim_id + ":forged")
@@ -1208,7 +1261,6 @@ async def stale_or_forged_queue_claims_write_nothing(make: StoreFactory) -> None
             attrs.evolve(completion, batch_ids=()),
         ]
         before = await _snapshot(store, "root")
-        lease = await _lease(store, "root", "committer")
         for bad in bad_completions:
             await _raises(
                 QueuedWorkClaimExpired("root", bad.claim_id),
@@ -1375,7 +1427,10 @@ async def source_key_conflict_keeps_the_original(make: StoreFactory) -> None:
             attrs.evolve(draft, merge_key=MergeKey.group("g")),
             attrs.evolve(draft, available_at_ms=5),
         ):
-            await _raises(QueuedWorkSourceKeyConflict("root", "k"), sessions.enqueue(changed))
+            await _raises(
+                QueuedWorkSourceKeyConflict("root", "k", original.batch_id),
+                sessions.enqueue(changed),
+            )
         assert await _snapshot(store, "root") == before
         assert await sessions.enqueue(draft) == original
         elsewhere = await sessions.enqueue(attrs.evolve(draft, session_id="other"))
@@ -1599,6 +1654,262 @@ async def stale_head_revision_conflicts_and_writes_nothing(make: StoreFactory) -
         assert await sessions.list_uncommitted(2**62) == []
 
 
+# --- beyond the reference: order, failures, deliveries ---------------------------------------
+
+
+async def queued_work_order_survives_lease_handover(make: StoreFactory) -> None:
+    """A runtime claims the head and dies with its claim still live; the next lease holder
+    gets the head at once (at the idle boundary and at a checkpoint), not the work behind it,
+    and the dead runtime's claim can neither renew, complete nor be reclaimed from under the
+    new holder. The same holds when the old lease was released rather than expired."""
+    clock = FakeClock()
+    async with make(clock=clock) as store:
+        sessions = store.sessions
+        b1, b2, b3 = [
+            await sessions.enqueue(queued_turn_input_draft("root", text, ESB, EXCLUSIVE))
+            for text in ("b1", "b2", "b3")
+        ]
+        dead = await _lease(store, "root", "dead", ttl_ms=1_000)
+        orphan = await sessions.claim_queued_work("root", dead.fence(), "dead", IDLE, TTL, 10)
+        assert orphan is not None and _ids(orphan.batches) == [b1.batch_id]
+        clock.advance(1_001)  # the lease expired; the claim (a minute long) has not
+        lease = await _lease(store, "root", "next")
+        assert _ids(await sessions.list_pending_queued_work("root")) == _ids([b1, b2, b3]), (
+            "a claim taken under an older lease grant holds nothing"
+        )
+        checkpoint = await sessions.claim_queued_work(
+            "root", lease.fence(), "next", CHECKPOINT, TTL, 10
+        )
+        assert checkpoint is not None and _ids(checkpoint.batches) == [b1.batch_id], (
+            "the new holder gets the head first, even at a checkpoint"
+        )
+        idle = await sessions.claim_queued_work("root", lease.fence(), "next", IDLE, TTL, 10)
+        assert idle is not None and _ids(idle.batches) == [b1.batch_id], (
+            "an idle claim starts from the head, whoever held it"
+        )
+        await _raises(
+            QueuedWorkClaimExpired("root", orphan.claim_id),
+            sessions.renew_queued_work_claim(orphan, TTL),
+        )
+        await _raises(
+            QueuedWorkClaimExpired("root", orphan.claim_id),
+            sessions.bind("root").commit(
+                fenced(state("root", completed_claims=[orphan.completion()]), lease, release=False)
+            ),
+        )
+        await sessions.abandon_queued_work_claim(orphan)  # a no-op: it owns nothing now
+        # Behind its own head, the holder's checkpoint takes the next batch.
+        behind = await sessions.claim_queued_work(
+            "root", lease.fence(), "next", CHECKPOINT, TTL, 10
+        )
+        assert behind is not None and _ids(behind.batches) == [b2.batch_id]
+        await _deliver(store, lease, idle, behind)
+        # A released lease: its claim is void as soon as the next grant exists.
+        released, left = await _hold(store, "root", "leaving")
+        assert _ids(left.batches) == [b3.batch_id]
+        await _release(store, released)
+        assert await sessions.list_pending_queued_work("root") == [], "held until a new grant"
+        assert await sessions.cancel_queued_work("root", b3.batch_id) is None
+        lease = await _lease(store, "root", "last")
+        assert _ids(await sessions.list_pending_queued_work("root")) == [b3.batch_id]
+        claim = await sessions.claim_queued_work("root", lease.fence(), "last", CHECKPOINT, TTL, 10)
+        assert claim is not None and _ids(claim.batches) == [b3.batch_id]
+        await _deliver(store, lease, claim)
+        read = await _loaded(store, "root")
+        assert read.head_revision == 2 and await sessions.list_queued_work("root") == []
+
+
+async def lease_and_claims_renew_together(make: StoreFactory) -> None:
+    """``renew_lease_and_claims`` extends the lease and every claim in one transaction; if any
+    claim is no longer live nothing is renewed."""
+    clock = FakeClock()
+    async with make(clock=clock) as store:
+        sessions = store.sessions
+        for text in ("a", "b"):
+            await sessions.enqueue(queued_turn_input_draft("root", text, ESB, EXCLUSIVE))
+        lease, first = await _hold(store, "root", "owner")
+        second = await sessions.claim_queued_work(
+            "root", lease.fence(), "owner", CHECKPOINT, TTL, 1
+        )
+        assert second is not None
+        clock.advance(1_000)
+        renewed, claims = await sessions.renew_lease_and_claims(lease.fence(), [first, second], TTL)
+        assert renewed.expires_at_ms == lease.expires_at_ms + 1_000
+        assert [c.claim_id for c in claims] == [first.claim_id, second.claim_id]
+        assert all(c.expires_at_ms == renewed.expires_at_ms for c in claims)
+        await sessions.abandon_queued_work_claim(second)
+        clock.advance(1_000)
+        await _raises(
+            QueuedWorkClaimExpired("root", second.claim_id),
+            sessions.renew_lease_and_claims(lease.fence(), [first, second], TTL),
+        )
+        again, _ = await sessions.renew_lease_and_claims(lease.fence(), [], 0)
+        assert again.expires_at_ms == renewed.expires_at_ms, "the refused renewal changed nothing"
+        await _raises_type(
+            InvalidArgument,
+            sessions.renew_lease_and_claims(lease.fence(), [first.completion()], TTL),  # type: ignore[list-item]
+        )
+        other = await _lease(store, "other", "owner")
+        await _raises_type(
+            InvalidArgument, sessions.renew_lease_and_claims(other.fence(), [first], TTL)
+        )
+        clock.advance(TTL)
+        await _raises(
+            SessionExecutionLeaseExpired("root"),
+            sessions.renew_lease_and_claims(lease.fence(), [first], TTL),
+        )
+
+
+async def failed_work_is_parked_and_resubmittable(make: StoreFactory) -> None:
+    """A failed turn's claim counts a failure on each of its batches and gives them back; at
+    the limit they are parked: visible with their error, skipped by every claim (so the work
+    behind goes on), cancellable, and resubmittable at their old place in the queue."""
+    async with make() as store:
+        sessions = store.sessions
+        poison = await sessions.enqueue(queued_turn_input_draft("root", "poison", ESB, EXCLUSIVE))
+        after = await sessions.enqueue(queued_turn_input_draft("root", "after", ESB, EXCLUSIVE))
+        lease, claim = await _hold(store, "root", "owner")
+        assert await sessions.fail_queued_work(claim, "TypeError: bad", 2) == []
+        listed = await sessions.list_queued_work("root")
+        assert [(b.failures, b.last_error, b.parked) for b in listed] == [
+            (1, "TypeError: bad", False),
+            (0, None, False),
+        ]
+        assert await sessions.fail_queued_work(claim, "again", 2) == [], (
+            "a spent claim fails nothing"
+        )
+        retry = await sessions.claim_queued_work("root", lease.fence(), "owner", IDLE, TTL, 10)
+        assert retry is not None and _ids(retry.batches) == [poison.batch_id], "retried first"
+        parked = await sessions.fail_queued_work(retry, "TypeError: still bad", 2)
+        assert _ids(parked) == [poison.batch_id]
+        assert (parked[0].parked, parked[0].failures, parked[0].last_error) == (
+            True,
+            2,
+            "TypeError: still bad",
+        )
+        assert _ids(await sessions.list_pending_queued_work("root")) == [after.batch_id]
+        assert await sessions.list_parked_queued_work("root") == parked
+        assert await sessions.list_parked_queued_work() == parked
+        assert await sessions.list_parked_queued_work("other") == []
+        status = await sessions.queued_work_status("root", poison.batch_id)
+        assert status is not None and status.state is WorkState.PARKED
+        assert await sessions.has_queued_work("root")
+        nxt = await sessions.claim_queued_work("root", lease.fence(), "owner", IDLE, TTL, 10)
+        assert nxt is not None and _ids(nxt.batches) == [after.batch_id], "the work behind goes on"
+        await _deliver(store, lease, nxt)
+        assert not await sessions.has_queued_work("root"), "only parked work is left"
+        assert await sessions.list_sessions_with_queued_work() == []
+        assert await sessions.unpark_queued_work("root", after.batch_id) is None, "delivered"
+        assert await sessions.unpark_queued_work("other", poison.batch_id) is None
+        back = await sessions.unpark_queued_work("root", poison.batch_id)
+        assert back is not None and (back.parked, back.failures, back.last_error) == (
+            False,
+            0,
+            None,
+        )
+        assert await sessions.unpark_queued_work("root", poison.batch_id) is None, "not parked"
+        assert await sessions.list_sessions_with_queued_work() == ["root"]
+        lease, claim = await _hold(store, "root", "owner")
+        assert _ids(claim.batches) == [poison.batch_id]
+        await sessions.fail_queued_work(claim, "once more", 1)
+        await _release(store, lease)
+        gone = await sessions.cancel_queued_work("root", poison.batch_id)
+        assert gone is not None and gone.parked, "a parked batch can be cancelled"
+        assert await sessions.list_queued_work("root") == []
+        assert await sessions.queued_work_status("root", poison.batch_id) is None
+        for bad in ("", 0):
+            await _raises_type(InvalidArgument, sessions.fail_queued_work(claim, "x", bad))  # type: ignore[arg-type]
+        await _raises_type(InvalidArgument, sessions.fail_queued_work(claim, None, 1))  # type: ignore[arg-type]
+
+
+async def delivered_work_keeps_its_outcome_and_source_key(make: StoreFactory) -> None:
+    """A commit that delivers queued work records, for every batch, the turn that delivered it
+    and the commit's outcome: ``queued_work_status`` reads it back. A source key stays
+    idempotent after delivery: the same work returns the original batch (nothing is queued),
+    other work is a conflict naming it."""
+    async with make() as store:
+        sessions = store.sessions
+        group = MergeKey.PAYLOAD_DEFAULT
+        draft = queued_turn_input_draft(
+            "root", "question", ESB, JOIN, source_key="msg-1", merge_key=group
+        )
+        first = await sessions.enqueue(draft)
+        joined = await sessions.enqueue(
+            queued_turn_input_draft("root", "more", ESB, JOIN, source_key="msg-2", merge_key=group)
+        )
+        queued = await sessions.queued_work_status("root", first.batch_id)
+        assert queued is not None and (queued.state, queued.batch) == (WorkState.QUEUED, first)
+        assert queued.outcome is None and queued.turn_id is None
+        lease, claim = await _hold(store, "root", "owner")
+        assert _ids(claim.batches) == [first.batch_id, joined.batch_id]
+        outcome: JSON = {"kind": "assistant_message", "text": "the answer"}
+        final = stamped(
+            state("root", completed_claims=[claim.completion()], outcome=outcome), "turn-1"
+        )
+        result = await sessions.bind("root").commit(fenced(final, lease))
+        for batch in (first, joined):
+            status = await sessions.queued_work_status("root", batch.batch_id)
+            assert status is not None
+            assert (status.state, status.turn_id, status.head_revision, status.outcome) == (
+                WorkState.DELIVERED,
+                "turn-1",
+                result.head_revision,
+                outcome,
+            )
+            assert status.batch == batch
+        assert await sessions.list_queued_work("root") == []
+        assert await sessions.enqueue(draft) == first, "a resend after delivery is the original"
+        assert await sessions.list_queued_work("root") == [], "and is not queued again"
+        await _raises(
+            QueuedWorkSourceKeyConflict("root", "msg-1", first.batch_id),
+            sessions.enqueue(attrs.evolve(draft, payloads=_items(turn_input("other")))),
+        )
+        assert await sessions.queued_work_status("root", "qwb:unknown") is None
+        assert await sessions.queued_work_status("other", first.batch_id) is None
+        # A commit without an outcome or a stamp still records its deliveries.
+        plain = await sessions.enqueue(queued_turn_input_draft("root", "plain", ESB, EXCLUSIVE))
+        lease, claim = await _hold(store, "root", "owner")
+        await _deliver(store, lease, claim)
+        status = await sessions.queued_work_status("root", plain.batch_id)
+        assert status is not None and (status.state, status.turn_id, status.outcome) == (
+            WorkState.DELIVERED,
+            None,
+            None,
+        )
+        await _raises_type(
+            PayloadNotSerializable,
+            sessions.bind("root").commit(fenced(state("root", outcome=_not_json()), lease)),
+        )
+
+
+async def deliveries_and_parked_work_survive_reopen(make: StoreFactory) -> None:
+    """Delivered outcomes, their source keys and parked work survive closing and reopening the
+    store. ``make`` must open the same store on every call."""
+    # The other reopen scenarios leave work of their own in "root" of the same store.
+    sid = "reopen-deliveries"
+    async with make() as store:
+        sessions = store.sessions
+        draft = queued_turn_input_draft(sid, "answered", ESB, EXCLUSIVE, source_key="k")
+        answered = await sessions.enqueue(draft)
+        poison = await sessions.enqueue(queued_turn_input_draft(sid, "poison", ESB, EXCLUSIVE))
+        lease, claim = await _hold(store, sid, "owner")
+        final = stamped(state(sid, completed_claims=[claim.completion()], outcome={"n": 1}), "t1")
+        await sessions.bind(sid).commit(fenced(final, lease))
+        lease, claim = await _hold(store, sid, "owner")
+        parked = await sessions.fail_queued_work(claim, "bad", 1)
+        await _release(store, lease)
+    async with make() as store:
+        sessions = store.sessions
+        status = await sessions.queued_work_status(sid, answered.batch_id)
+        assert status is not None and (status.state, status.outcome) == (
+            WorkState.DELIVERED,
+            {"n": 1},
+        )
+        assert await sessions.enqueue(draft) == answered
+        assert await sessions.list_parked_queued_work() == parked
+        assert _ids(parked) == [poison.batch_id]
+
+
 SESSION_SCENARIOS: tuple[Scenario, ...] = (
     runtime_persistence_reports_declared_durability,
     commit_increments_head_and_round_trips_agent_frames,
@@ -1619,6 +1930,11 @@ SESSION_SCENARIOS: tuple[Scenario, ...] = (
     session_metadata_round_trips,
     tombstone_vacuum_and_gc_are_minimally_consistent,
     final_commit_stamp_is_idempotent_and_conflicts_on_changed_hash,
+    # beyond the reference: order, failures, deliveries
+    queued_work_order_survives_lease_handover,
+    lease_and_claims_renew_together,
+    failed_work_is_parked_and_resubmittable,
+    delivered_work_keeps_its_outcome_and_source_key,
     # beyond the reference: bad input
     stale_or_forged_lease_fences_write_nothing,
     stale_or_forged_queue_claims_write_nothing,
@@ -1634,6 +1950,7 @@ SESSION_SCENARIOS: tuple[Scenario, ...] = (
 SESSION_REOPEN_SCENARIOS: tuple[Scenario, ...] = (
     session_execution_lease_first_claim_excludes_concurrent_reopen_handles,
     runtime_persistence_survives_reopen,
+    deliveries_and_parked_work_survive_reopen,
 )
 
 
