@@ -139,7 +139,7 @@ def test_the_nth_effect_has_id_n_and_a_plain_answer_finishes() -> None:
     )
     assert [m.text for m in done.messages] == ["what is 2+2?", "4"]
     kinds = [e.event.type for e in effects if isinstance(e, Emit)]
-    assert kinds == ["llm_request", "token_usage", "text_delta", "turn_outcome"]
+    assert kinds == ["llm_request", "token_usage", "text_delta"]
     assert machine.done and machine.state.usage.input_tokens == 10
 
 
@@ -273,6 +273,81 @@ def test_cancel_finishes_once() -> None:
     assert isinstance(effects[-1], Done) and effects[-1].outcome.reason == "cancelled"
     machine.cancel()
     assert drain(machine) == []
+
+
+class Opaque:
+    """Not JSON (a datetime would do as well)."""
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "not a ModelResponse",
+        None,
+        ModelResponse(text=5),  # type: ignore[arg-type]
+        ModelResponse(stop_reason="stop"),  # type: ignore[arg-type]
+        ModelResponse(text="x", usage=TokenUsage(input_tokens=-1)),
+        ModelResponse(text="x", usage=None),  # type: ignore[arg-type]
+        ModelResponse(tool_calls=[ToolCall(call_id="c", name="add", args={"at": Opaque()})]),
+        ModelResponse(
+            tool_calls=[ToolCall(call_id="c", name="add"), ToolCall(call_id="c", name="add")]
+        ),
+        ModelResponse(tool_calls=["add"]),
+        ModelResponse(tool_calls=[ToolCall(call_id=1, name="add")]),  # type: ignore[arg-type]
+    ],
+    ids=repr,
+)
+def test_a_malformed_model_reply_ends_the_turn_with_a_typed_outcome(reply: Any) -> None:
+    machine = TurnMachine.start([USER], tools=["add"])
+    drain(machine)
+    machine.handle_response(ModelReplied(effect_id=awaited(machine).effect_id, response=reply))
+    effects = drain(machine)
+    done = effects[-1]
+    assert isinstance(done, Done)
+    assert (done.outcome.kind, done.outcome.reason) == ("stopped", "invalid_model_response")
+    assert done.outcome.text and [e.event.type for e in effects if isinstance(e, Emit)] == ["error"]
+    assert done.messages == (USER,), "nothing of the bad reply enters the conversation"
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        ToolResult(call_id="c1", name="add", output=Opaque()),
+        ToolResult(call_id="c1", name="add", output={"when": {1, 2}}),
+        ToolResult(call_id="c1", name="add", output=float("nan")),
+        ToolResult(call_id="c1", name="add", output=1, control="explode"),
+        ToolResult(call_id="c1", name="add", output=1, is_error="yes"),  # type: ignore[arg-type]
+    ],
+    ids=repr,
+)
+def test_a_tool_result_that_is_not_json_ends_the_turn_with_a_typed_outcome(
+    result: ToolResult,
+) -> None:
+    """A tool returning a non-JSON value (a datetime, say): the turn ends
+    Stopped(invalid_tool_result) naming the tool, and every call still has its tool message,
+    so the next turn's conversation is well formed."""
+    machine = TurnMachine.start([USER], tools=["add"])
+    drain(machine)
+    machine.handle_response(
+        ModelReplied(effect_id=awaited(machine).effect_id, response=calls("add", "add"))
+    )
+    drain(machine)
+    good = ToolResult(call_id="c0", name="add", output=4)
+    machine.handle_response(
+        ToolsFinished(effect_id=awaited(machine).effect_id, results=[good, result])
+    )
+    effects = drain(machine)
+    done = effects[-1]
+    assert isinstance(done, Done)
+    assert (done.outcome.kind, done.outcome.reason, done.outcome.tool_name) == (
+        "stopped",
+        "invalid_tool_result",
+        "add",
+    )
+    tool_messages = [m for m in done.messages if m.role == "tool"]
+    assert [m.tool_call_id for m in tool_messages] == ["c0", "c1"]
+    assert tool_messages[0].text == "4" and "error: " in tool_messages[1].text
+    assert done.outcome.text in tool_messages[1].text
 
 
 def test_bad_inputs() -> None:

@@ -32,6 +32,10 @@ Rules:
   model calls ``Stopped(max_turns)`` with a final note; a tool that reports ``finish`` ends the
   turn with its value, one that reports ``fail`` with ``Stopped(tool_error)``; ``cancel()`` ends
   it ``Stopped(cancelled)``.
+- What the host hands in is checked, never trusted: a model reply that is not a well-formed
+  :class:`ModelResponse` ends the turn ``Stopped(invalid_model_response)``, a tool result that
+  is not plain JSON (a datetime, say) ``Stopped(invalid_tool_result)``, with the problem in the
+  outcome's text. The conversation stays well formed: every tool call still gets a tool message.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import attrs
 import cattrs
 from cattrs.strategies import configure_tagged_union
 
-from turnbuckle.errors import CorruptRecordError, InvalidArgument
+from turnbuckle.errors import CorruptRecordError, InvalidArgument, PayloadNotSerializable
 from turnbuckle.sansio.codec import JSON, encode_json, sequence
 from turnbuckle.sansio.session import TokenUsage
 
@@ -155,7 +159,7 @@ class ToolResult:
 class TurnOutcome:
     """How a turn ended. ``kind``: ``assistant_message``, ``tool_value`` (finished) or
     ``stopped``; ``reason`` for stopped turns: ``cancelled``, ``incomplete``, ``max_turns``,
-    ``provider_error``, ``tool_error``, ``runtime_error``."""
+    ``provider_error``, ``tool_error``, ``invalid_model_response``, ``invalid_tool_result``."""
 
     kind: str
     text: str = ""
@@ -297,11 +301,6 @@ class TurnState:
     turn_id: str = "turn"
 
 
-_REPLIES: Final[dict[Phase, type[Any]]] = {
-    Phase.WAITING_MODEL: CallModel,
-    Phase.WAITING_TOOLS: RunTools,
-    Phase.WAITING_CHECKPOINT: Checkpoint,
-}
 #: Which responses answer which awaited effect: the transition table of the machine.
 ACCEPTS: Final[dict[Phase, tuple[type[Any], ...]]] = {
     Phase.WAITING_MODEL: (ModelReplied, ModelFailed),
@@ -370,7 +369,6 @@ class _Builder:
         )
 
     def finish(self, outcome: TurnOutcome) -> None:
-        self.emit("turn_outcome", attrs.asdict(outcome))
         done = Done(
             effect_id=self._next_id(),
             outcome=outcome,
@@ -392,7 +390,61 @@ def _stopped(reason: str, text: str = "") -> TurnOutcome:
 # --- transitions -----------------------------------------------------------------------------
 
 
+def _json_problem(value: object) -> str | None:
+    try:
+        encode_json(value, limit=1 << 62)
+    except PayloadNotSerializable as exc:
+        return f"{exc.type_name} at {exc.path} is not JSON ({exc.reason})"
+    return None
+
+
+def model_response_problem(response: object) -> str | None:
+    """What is wrong with a model's reply, or None if it is a well-formed ModelResponse."""
+    if not isinstance(response, ModelResponse):
+        return f"the model returned {type(response).__name__}, not a ModelResponse"
+    if type(response.text) is not str:
+        return f"ModelResponse.text is {type(response.text).__name__}, not str"
+    if not isinstance(response.stop_reason, StopReason):
+        return f"ModelResponse.stop_reason is {response.stop_reason!r}, not a StopReason"
+    usage = response.usage
+    if not isinstance(usage, TokenUsage) or not all(
+        type(getattr(usage, f.name)) is int and getattr(usage, f.name) >= 0
+        for f in attrs.fields(TokenUsage)
+    ):
+        return f"ModelResponse.usage is {usage!r}, not a TokenUsage of counts"
+    ids = set()
+    for call in response.tool_calls:
+        if not isinstance(call, ToolCall):
+            return f"a tool call is {type(call).__name__}, not a ToolCall"
+        if type(call.call_id) is not str or type(call.name) is not str:
+            return f"tool call {call!r} needs a str call_id and name"
+        if call.call_id in ids:
+            return f"two tool calls have the call_id {call.call_id!r}"
+        ids.add(call.call_id)
+        problem = _json_problem(call.args)
+        if problem is not None:
+            return f"the arguments of tool call {call.call_id!r}: {problem}"
+    return None
+
+
+def tool_result_problem(result: ToolResult) -> str | None:
+    """What is wrong with a tool's result, or None if it can go into the conversation."""
+    if result.control not in (None, "finish", "fail"):
+        return f"tool {result.name!r} asked for control {result.control!r}"
+    if type(result.is_error) is not bool:
+        return f"tool {result.name!r} returned is_error={result.is_error!r}"
+    problem = _json_problem(result.output)
+    if problem is not None:
+        return f"tool {result.name!r} returned a value that is not JSON: {problem}"
+    return None
+
+
 def _on_model_replied(b: _Builder, response: ModelResponse) -> None:
+    problem = model_response_problem(response)
+    if problem is not None:
+        b.emit("error", {"message": problem})
+        b.finish(_stopped("invalid_model_response", problem))
+        return
     usage = b.state.usage
     total = TokenUsage(
         **{
@@ -452,19 +504,25 @@ def _on_tools_finished(b: _Builder, response: ToolsFinished) -> None:
         raise UnexpectedResponse(
             response.effect_id, "a result for every call", f"none for {missing}"
         )
+    invalid: tuple[str, str] | None = None
     for call in waiting.calls:  # in call order, whatever order they finished in
         result = by_id[call.call_id]
-        b.emit(
-            "tool_call",
-            {
-                "call_id": call.call_id,
-                "name": call.name,
-                "args": call.args,
-                "output": result.output,
-                "is_error": result.is_error,
-            },
+        problem = tool_result_problem(result)
+        if problem is None:
+            text = json.dumps(result.output, sort_keys=True)
+        else:
+            # The call still gets its tool message, so the conversation stays well formed.
+            text = json.dumps(f"error: {problem}")
+            invalid = invalid or (call.name, problem)
+        b.message("tool", text=text, tool_call_id=call.call_id)
+    if invalid is not None:
+        b.emit("error", {"message": invalid[1]})
+        b.finish(
+            TurnOutcome(
+                kind="stopped", reason="invalid_tool_result", tool_name=invalid[0], text=invalid[1]
+            )
         )
-        b.message("tool", text=json.dumps(result.output, sort_keys=True), tool_call_id=call.call_id)
+        return
     for call in waiting.calls:
         result = by_id[call.call_id]
         if result.control == "finish":
