@@ -8,7 +8,10 @@
 ...         await store.tasks.complete_task(task.task_id, turnbuckle.TaskSuccess({"ok": True}))
 """
 
+from turnbuckle.actors.runtime import IdleReport as IdleReport
+from turnbuckle.actors.runtime import Reply as Reply
 from turnbuckle.actors.runtime import Runtime as Runtime
+from turnbuckle.actors.runtime import RuntimeEvent as RuntimeEvent
 from turnbuckle.actors.runtime import open_runtime as open_runtime
 from turnbuckle.adapters.store import Store as Store
 from turnbuckle.adapters.store import open_store as open_store
@@ -22,7 +25,11 @@ from turnbuckle.sansio.queue import MergeKey as MergeKey
 from turnbuckle.sansio.queue import QueuedWorkBatch as QueuedWorkBatch
 from turnbuckle.sansio.queue import QueuedWorkClaim as QueuedWorkClaim
 from turnbuckle.sansio.queue import QueuedWorkDraft as QueuedWorkDraft
+from turnbuckle.sansio.queue import QueuedWorkStatus as QueuedWorkStatus
 from turnbuckle.sansio.queue import SlotPolicy as SlotPolicy
+from turnbuckle.sansio.queue import SubmitStatus as SubmitStatus
+from turnbuckle.sansio.queue import Ticket as Ticket
+from turnbuckle.sansio.queue import WorkState as WorkState
 from turnbuckle.sansio.session import ActivePath as ActivePath
 from turnbuckle.sansio.session import AgentFrame as AgentFrame
 from turnbuckle.sansio.session import AttachmentIntent as AttachmentIntent
@@ -69,6 +76,7 @@ __all__ = [
     "GraphAppend",
     "GraphReplace",
     "GraphUnchanged",
+    "IdleReport",
     "LeaseFence",
     "Message",
     "ModelRequest",
@@ -77,8 +85,11 @@ __all__ = [
     "QueuedWorkBatch",
     "QueuedWorkClaim",
     "QueuedWorkDraft",
+    "QueuedWorkStatus",
+    "Reply",
     "Runtime",
     "RuntimeCommit",
+    "RuntimeEvent",
     "SessionLease",
     "SessionMeta",
     "SessionNode",
@@ -86,12 +97,14 @@ __all__ = [
     "SlotPolicy",
     "StopReason",
     "Store",
+    "SubmitStatus",
     "TaskOutcome",
     "TaskPage",
     "TaskRecord",
     "TaskRpcError",
     "TaskStatus",
     "TaskSuccess",
+    "Ticket",
     "TokenUsage",
     "ToolCall",
     "ToolResult",
@@ -99,6 +112,7 @@ __all__ = [
     "TurnOutcome",
     "TurnCommitStamp",
     "UsageEntry",
+    "WorkState",
     "open_runtime",
     "open_store",
     "turn_commit_hash",

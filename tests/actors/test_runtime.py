@@ -1,48 +1,59 @@
 """The runtime (:mod:`turnbuckle.actors.runtime`): per-session actors running turns on a store.
 
-Every test runs on ``memory://`` and on a SQLite file, under trio (pytest-trio); the core
-scenarios (a simple turn, a concurrent tool batch, a mid-turn join) run under asyncio too.
-Ordering is by Events (a gated model, tools that wait for each other), never by sleeps;
-``fail_after`` only turns a hang into a failure, and nothing asserts on timing.
-
-Tests that steal or expire leases use a :class:`FakeClock` for the store, so a lease or a claim
-expires exactly when a test advances the clock and never because the machine was slow.
+Every trio test runs on ``memory://`` and on a SQLite file, on trio's ``MockClock`` with the
+store's clock following it (``LoopClock``), so leases, renewals, retries and model delays take
+no real time: on memory the clock jumps as soon as every task waits (``autojump_threshold=0``);
+on SQLite only after 20 ms of real waiting, so a store call in its owner thread is not taken
+for idleness. Ordering is by Events (a gated model, tools that wait for each other), never by
+sleeps, and nothing asserts on timing. Lease ttls are seconds long: virtual time costs nothing,
+and a lease that cannot run out while a real store call is in flight (a jump of the mock clock)
+keeps a test about something else from also testing lease loss. The core scenarios also run
+under asyncio, on the real clock.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import attrs
 import pytest
+import trio
+import trio.testing
 
 from turnbuckle import (
     ClaimBoundary,
     DeliveryPolicy,
-    LeaseFence,
+    InvalidArgument,
     Message,
     ModelRequest,
     ModelResponse,
     QueuedWorkDraft,
-    SessionLease,
+    QueuedWorkNotFound,
+    QueuedWorkParked,
     SessionRead,
     SlotPolicy,
     StopReason,
     Store,
+    StoreBusyError,
+    StoreClosedError,
+    SubmitStatus,
+    Ticket,
     TokenUsage,
     ToolCall,
     TurnOutcome,
     open_runtime,
     open_store,
 )
-from turnbuckle.actors.runtime import Model
+from turnbuckle.actors.runtime import Model, RuntimeEvent
 from turnbuckle.testing import (
     Fail,
-    FakeClock,
+    LoopClock,
     RecordingTool,
     ScriptedModel,
     Stall,
@@ -51,8 +62,10 @@ from turnbuckle.testing import (
     say,
 )
 
-#: A hang guard, never a timing assertion.
-HANG_S = 20
+#: A hang guard for the asyncio runs (real seconds), never a timing assertion. The trio runs
+#: have none: on a mock clock a guard's deadline is where time jumps while a store call is in
+#: its owner thread, so a hang there shows in the faulthandler's dump instead.
+HANG_S = 60
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -60,6 +73,17 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "memory":
         return "memory://"
     return "sqlite:///" + str(tmp_path / "runtime.db")
+
+
+@pytest.fixture
+def clock(url: str) -> trio.testing.MockClock:
+    """The test's clock (pytest-trio runs the test on it): see the module docstring."""
+    return trio.testing.MockClock(autojump_threshold=0 if url == "memory://" else 0.02)
+
+
+def store_on(url: str, **options: Any) -> Any:
+    """The store, on the loop's clock (the runtime times itself by the store's)."""
+    return open_store(url, clock=LoopClock(), **options)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -110,59 +134,48 @@ async def queue_ids(store: Store, session_id: str) -> list[str]:
     return [b.batch_id for b in await store.sessions.list_queued_work(session_id)]
 
 
-async def pending_ids(store: Store, session_id: str) -> list[str]:
-    return [b.batch_id for b in await store.sessions.list_pending_queued_work(session_id)]
-
-
-async def wait_until(condition: Callable[[], Awaitable[bool]]) -> None:
-    """Poll a condition on the store until it holds (the store has no change notifications;
-    the interval orders nothing)."""
-    while True:
-        if await condition():
-            return
-        await anyio.sleep(0.01)
-
-
-async def take_lease(store: Store, session_id: str, owner: str, ttl_ms: int) -> SessionLease:
-    lease = await store.sessions.try_claim_lease(session_id, owner, ttl_ms)
-    assert lease is not None, f"{owner} could not take the lease of {session_id!r}"
-    return lease
-
-
-def user_draft(session_id: str, text: str) -> QueuedWorkDraft:
-    """What ``Runtime.submit`` enqueues for a user message."""
-    return QueuedWorkDraft(
-        session_id=session_id,
-        delivery=DeliveryPolicy.EARLIEST_SAFE_BOUNDARY,
-        slot=SlotPolicy.JOIN,
-        payloads=[{"role": "user", "text": text}],
-        source_key=text,
-    )
+async def collect(stream: Any, until: Callable[[RuntimeEvent], bool]) -> list[RuntimeEvent]:
+    events = []
+    async for event in stream:
+        events.append(event)
+        if until(event):
+            return events
+    raise AssertionError("the stream ended")
 
 
 # --- scenarios shared by trio and asyncio ----------------------------------------------------
 
 
-async def simple_turn(url: str) -> None:
+async def simple_turn(url: str, **store_options: Any) -> None:
     model = ScriptedModel(say("Hello there."))
-    with anyio.fail_after(HANG_S):
-        async with open_store(url) as store, open_runtime(store, model=model) as runtime:
-            outcome = await runtime.run_turn("s1", "hi")
-            assert outcome == TurnOutcome(kind="assistant_message", text="Hello there.")
-            read = await load(store, "s1")
-            assert graph(read) == [("user", "hi"), ("assistant", "Hello there.")]
-            assert read.nodes[1].parent_node_id == read.nodes[0].node_id
-            assert read.head_revision == 1
-            assert await queue_ids(store, "s1") == []
-            assert [user_texts(r.messages) for r in model.requests] == [["hi"]]
-            await runtime.wait_idle()
-            assert runtime.active_sessions == []
-            # The actor released the session's lease when it ran out of work.
-            lease = await take_lease(store, "s1", "someone-else", 60_000)
-            assert lease.fencing_token == 2
+    async with (
+        open_store(url, **store_options) as store,
+        open_runtime(store, model=model) as runtime,
+    ):
+        ticket = await runtime.submit("s1", "hi", source_key="k1")
+        assert (ticket.session_id, ticket.source_key, ticket.status) == (
+            "s1",
+            "k1",
+            SubmitStatus.NEW,
+        )
+        reply = await runtime.outcome(ticket)
+        assert reply.outcome == TurnOutcome(kind="assistant_message", text="Hello there.")
+        assert reply.text == "Hello there." and reply.head_revision == 1
+        assert reply.turn_id == f"turn:{ticket.batch_id}"
+        read = await load(store, "s1")
+        assert graph(read) == [("user", "hi"), ("assistant", "Hello there.")]
+        assert read.nodes[1].parent_node_id == read.nodes[0].node_id
+        assert read.head_revision == 1
+        assert await queue_ids(store, "s1") == []
+        assert [user_texts(r.messages) for r in model.requests] == [["hi"]]
+        report = await runtime.wait_idle()
+        assert report.parked == () and runtime.active_sessions == []
+        # The actor released the session's lease when it ran out of work.
+        lease = await store.sessions.try_claim_lease("s1", "someone-else", 60_000)
+        assert lease is not None and lease.fencing_token == 2
 
 
-async def concurrent_tools(url: str) -> None:
+async def concurrent_tools(url: str, **store_options: Any) -> None:
     """Two tools of one batch that can only finish if they run at the same time: ``a`` waits
     until ``b`` finished, ``b`` waits until ``a`` started (run one after the other, in either
     order, they deadlock and the hang guard fails the test). ``b`` finishes first, yet the
@@ -181,89 +194,83 @@ async def concurrent_tools(url: str) -> None:
 
     model = ScriptedModel(calls(call("a", {"n": 1}), call("b", {"n": 2})), say("both done"))
     tools = {"a": RecordingTool(tool_a), "b": RecordingTool(tool_b)}
-    with anyio.fail_after(HANG_S):
-        async with (
-            open_store(url) as store,
-            open_runtime(store, model=model, tools=tools) as runtime,
-        ):
-            outcome = await runtime.run_turn("s", "use both tools")
-            assert outcome == TurnOutcome(kind="assistant_message", text="both done")
-            assert tools["a"].calls == [{"n": 1}]
-            assert tools["b"].calls == [{"n": 2}]
-            assert model.calls == 2
-            second = model.requests[1]
-            assert second.tools == ("a", "b")
-            assert [(m.role, m.tool_call_id, m.text) for m in second.messages] == [
-                ("user", None, "use both tools"),
-                ("assistant", None, ""),
-                ("tool", "call-1", json.dumps({"a": {"n": 1}})),
-                ("tool", "call-2", json.dumps({"b": {"n": 2}})),
-            ]
-            assert [c.name for c in second.messages[1].tool_calls] == ["a", "b"]
-            read = await load(store, "s")
-            assert [role for role, _ in graph(read)] == [
-                "user",
-                "assistant",
-                "tool",
-                "tool",
-                "assistant",
-            ]
-            assert read.head_revision == 1
-            assert await queue_ids(store, "s") == []
+    async with (
+        open_store(url, **store_options) as store,
+        open_runtime(store, model=model, tools=tools) as runtime,
+    ):
+        outcome = await runtime.run_turn("s", "use both tools")
+        assert outcome == TurnOutcome(kind="assistant_message", text="both done")
+        assert tools["a"].calls == [{"n": 1}]
+        assert tools["b"].calls == [{"n": 2}]
+        second = model.requests[1]
+        assert second.tools == ("a", "b")
+        assert [(m.role, m.tool_call_id, m.text) for m in second.messages] == [
+            ("user", None, "use both tools"),
+            ("assistant", None, ""),
+            ("tool", "call-1", json.dumps({"a": {"n": 1}})),
+            ("tool", "call-2", json.dumps({"b": {"n": 2}})),
+        ]
+        read = await load(store, "s")
+        assert [role for role, _ in graph(read)] == [
+            "user",
+            "assistant",
+            "tool",
+            "tool",
+            "assistant",
+        ]
+        assert read.head_revision == 1
 
 
-async def mid_turn_message(url: str, delivery: DeliveryPolicy) -> None:
+async def mid_turn_message(url: str, delivery: DeliveryPolicy, **store_options: Any) -> None:
     """A second message submitted while the first turn's model call is running (the model
     waits until the test has submitted it): ``earliest_safe_boundary`` joins the running turn
-    at its checkpoint (one commit), ``after_current_turn_commit`` starts the next turn."""
+    at its checkpoint (one commit, which answers both), ``after_current_turn_commit`` starts
+    the next turn."""
     inner = ScriptedModel(say("first answer"), say("second answer"))
     model = Gate(inner)
-    outcomes: list[TurnOutcome] = []
-    with anyio.fail_after(HANG_S):
-        async with open_store(url) as store, open_runtime(store, model=model) as runtime:
-
-            async def first() -> None:
-                outcomes.append(await runtime.run_turn("s", "m1"))
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(first)
-                await model.entered.wait()  # the first turn is inside its model call
-                await runtime.submit("s", "m2", delivery=delivery)
-                model.release.set()
-            await runtime.wait_idle()
-            read = await load(store, "s")
-            assert graph(read) == [
-                ("user", "m1"),
-                ("assistant", "first answer"),
-                ("user", "m2"),
-                ("assistant", "second answer"),
-            ]
-            assert await queue_ids(store, "s") == []
-            requests = [user_texts(r.messages) for r in inner.requests]
-            if delivery is DeliveryPolicy.EARLIEST_SAFE_BOUNDARY:
-                # Joined: one turn, whose second model call sees the injected message.
-                assert read.head_revision == 1
-                assert outcomes == [TurnOutcome(kind="assistant_message", text="second answer")]
-                assert requests == [["m1"], ["m1", "m2"]]
-                assert inner.requests[1].iteration == 1
-            else:
-                # The next turn: the first turn never saw m2.
-                assert read.head_revision == 2
-                assert outcomes == [TurnOutcome(kind="assistant_message", text="first answer")]
-                assert requests == [["m1"], ["m1", "m2"]]
-                assert inner.requests[1].iteration == 0
-                assert all(m.text != "m2" for m in inner.requests[0].messages)
+    async with (
+        open_store(url, **store_options) as store,
+        open_runtime(store, model=model) as runtime,
+    ):
+        first = await runtime.submit("s", "m1")
+        await model.entered.wait()  # the first turn is inside its model call
+        second = await runtime.submit("s", "m2", delivery=delivery)
+        model.release.set()
+        replies = [await runtime.outcome(first), await runtime.outcome(second)]
+        await runtime.wait_idle()
+        read = await load(store, "s")
+        assert graph(read) == [
+            ("user", "m1"),
+            ("assistant", "first answer"),
+            ("user", "m2"),
+            ("assistant", "second answer"),
+        ]
+        assert await queue_ids(store, "s") == []
+        requests = [user_texts(r.messages) for r in inner.requests]
+        assert requests == [["m1"], ["m1", "m2"]]
+        if delivery is DeliveryPolicy.EARLIEST_SAFE_BOUNDARY:
+            # Joined: one turn answers both, and its second model call saw m2.
+            assert read.head_revision == 1
+            assert [r.text for r in replies] == ["second answer", "second answer"]
+            assert replies[0].turn_id == replies[1].turn_id
+            assert inner.requests[1].iteration == 1
+        else:
+            assert read.head_revision == 2
+            assert [r.text for r in replies] == ["first answer", "second answer"]
+            assert inner.requests[1].iteration == 0
 
 
 # --- trio ------------------------------------------------------------------------------------
 
 
-async def test_simple_turn(url: str) -> None:
-    await simple_turn(url)
+async def test_simple_turn(url: str, clock: trio.testing.MockClock) -> None:
+    await simple_turn(url, clock=LoopClock())
 
 
-async def test_one_batch_of_tools_runs_concurrently(url: str) -> None:
-    await concurrent_tools(url)
+async def test_one_batch_of_tools_runs_concurrently(
+    url: str, clock: trio.testing.MockClock
+) -> None:
+    await concurrent_tools(url, clock=LoopClock())
 
 
 @pytest.mark.parametrize(
@@ -271,11 +278,13 @@ async def test_one_batch_of_tools_runs_concurrently(url: str) -> None:
     [DeliveryPolicy.EARLIEST_SAFE_BOUNDARY, DeliveryPolicy.AFTER_CURRENT_TURN_COMMIT],
     ids=["join", "after_commit"],
 )
-async def test_message_sent_during_a_turn(url: str, delivery: DeliveryPolicy) -> None:
-    await mid_turn_message(url, delivery)
+async def test_message_sent_during_a_turn(
+    url: str, clock: trio.testing.MockClock, delivery: DeliveryPolicy
+) -> None:
+    await mid_turn_message(url, delivery, clock=LoopClock())
 
 
-async def test_events_stream_a_turn_in_order(url: str) -> None:
+async def test_events_stream_a_turn_in_order(url: str, clock: trio.testing.MockClock) -> None:
     first_usage = TokenUsage(input_tokens=3, output_tokens=1)
     second_usage = TokenUsage(input_tokens=10, output_tokens=5)
     model = ScriptedModel(
@@ -287,184 +296,374 @@ async def test_events_stream_a_turn_in_order(url: str) -> None:
         say("the answer", usage=second_usage),
     )
     tools = {"lookup": RecordingTool("found x")}
-    with anyio.fail_after(HANG_S):
-        async with (
-            open_store(url) as store,
-            open_runtime(store, model=model, tools=tools) as runtime,
-            runtime.events("s") as stream,
-            runtime.events("other") as elsewhere,
-        ):
-            outcome = await runtime.run_turn("s", "question")
-            events = []
-            async for event in stream:
-                events.append(event)
-                if event.type == "turn_outcome":
-                    break
-            assert [e.type for e in events] == [
-                "llm_request",
-                "token_usage",
-                "tool_call",
-                "llm_request",
-                "token_usage",
-                "text_delta",
-                "turn_outcome",
-            ]
-            assert events[0].data == {"iteration": 0, "message_count": 1}
-            assert events[1].data == {
-                "usage": attrs.asdict(first_usage),
-                "cumulative": attrs.asdict(first_usage),
-            }
-            assert events[2].data == {
-                "call_id": "c1",
-                "name": "lookup",
-                "args": {"q": "x"},
-                "output": "found x",
-                "is_error": False,
-            }
-            assert events[3].data == {"iteration": 1, "message_count": 3}
-            assert events[4].data == {
-                "usage": attrs.asdict(second_usage),
-                "cumulative": attrs.asdict(TokenUsage(input_tokens=13, output_tokens=6)),
-            }
-            assert events[5].data == {"text": "the answer"}
-            # The waiter of run_turn got the same outcome the stream announced.
-            assert outcome == TurnOutcome(kind="assistant_message", text="the answer")
-            assert events[6].data == attrs.asdict(outcome)
-            assert stream.dropped == 0
-            with pytest.raises(anyio.WouldBlock):  # nothing more, nothing for other sessions
-                stream.receive.receive_nowait()
-            with pytest.raises(anyio.WouldBlock):
-                elsewhere.receive.receive_nowait()
-            read = await load(store, "s")
-            assert [u.usage for u in read.usage] == [TokenUsage(input_tokens=13, output_tokens=6)]
+    async with (
+        store_on(url) as store,
+        open_runtime(store, model=model, tools=tools) as runtime,
+        runtime.events("s") as stream,
+        runtime.events("other") as elsewhere,
+        runtime.events() as everything,
+    ):
+        ticket = await runtime.submit("s", "question")
+        events = await collect(stream, lambda e: e.type == "turn_outcome")
+        assert [e.type for e in events] == [
+            "turn_started",
+            "llm_request",
+            "token_usage",
+            "tool_call",
+            "tool_call",
+            "llm_request",
+            "token_usage",
+            "text_delta",
+            "turn_outcome",
+        ]
+        assert all(e.session_id == "s" for e in events)
+        assert [e.seq for e in events] == sorted(e.seq for e in events)
+        turn_id = f"turn:{ticket.batch_id}"
+        assert {e.turn_id for e in events} == {turn_id}
+        assert events[0].data == {"tickets": [ticket.batch_id]}
+        assert events[1].data == {"iteration": 0, "message_count": 1}
+        assert events[2].data == {
+            "usage": attrs.asdict(first_usage),
+            "cumulative": attrs.asdict(first_usage),
+        }
+        assert events[3].data == {
+            "phase": "started",
+            "call_id": "c1",
+            "name": "lookup",
+            "args": {"q": "x"},
+        }
+        assert events[4].data == {
+            "phase": "finished",
+            "call_id": "c1",
+            "name": "lookup",
+            "output": "found x",
+            "is_error": False,
+        }
+        assert events[5].data == {"iteration": 1, "message_count": 3}
+        assert events[7].data == {"text": "the answer"}
+        outcome = TurnOutcome(kind="assistant_message", text="the answer")
+        assert events[8].data == {
+            "tickets": [ticket.batch_id],
+            "outcome": attrs.asdict(outcome),
+            "head_revision": 1,
+        }
+        assert (await runtime.outcome(ticket)).outcome == outcome
+        assert stream.dropped == 0
+        # The stream of every session saw the same events, in the same order.
+        assert [e.seq for e in await collect(everything, lambda e: e.seq == events[-1].seq)] == [
+            e.seq for e in events
+        ]
+        with pytest.raises(anyio.WouldBlock):  # nothing more, nothing for other sessions
+            stream.receive.receive_nowait()
+        with pytest.raises(anyio.WouldBlock):
+            elsewhere.receive.receive_nowait()
+        read = await load(store, "s")
+        assert [u.usage for u in read.usage] == [TokenUsage(input_tokens=13, output_tokens=6)]
 
 
-async def test_many_sessions_deliver_every_message_exactly_once(url: str) -> None:
+async def test_events_emitted_before_a_subscriber_attached_replay_from_a_cursor(
+    url: str, clock: trio.testing.MockClock
+) -> None:
+    """Messages left by an earlier runtime are resumed at start; a subscriber that attaches
+    only once the turn is over still sees every event of it, with ``since=0``."""
+    async with store_on(url) as store:
+        async with open_runtime(store, model=ScriptedModel(Stall())) as first:
+            ticket = await first.submit("s", "left over")
+        async with open_runtime(store, model=ScriptedModel(say("resumed"))) as runtime:
+            await runtime.outcome(ticket)
+            await runtime.wait_idle()
+            async with runtime.events(since=0) as replay:
+                events = await collect(replay, lambda e: e.type == "turn_outcome")
+            assert events[0].type == "turn_started" and events[0].seq == 1
+            assert events[-1].data["tickets"] == [ticket.batch_id]  # type: ignore[index,call-overload]
+            assert replay.dropped == 0
+            async with runtime.events(since=events[-1].seq) as later:
+                with pytest.raises(anyio.WouldBlock):
+                    later.receive.receive_nowait()
+
+
+async def test_many_sessions_deliver_every_message_exactly_once_and_in_order(
+    url: str, clock: trio.testing.MockClock
+) -> None:
     sessions = [f"s{n}" for n in range(5)]
-    expected = {s: [f"{s}/m{i}" for i in range(3)] for s in sessions}
+    expected = {s: [f"{s}/m{i}" for i in range(4)] for s in sessions}
     cross_talk: list[list[str]] = []
 
     async def model(request: ModelRequest) -> ModelResponse:
-        await anyio.lowlevel.checkpoint()  # let the sessions interleave
+        await anyio.sleep(0.01)  # let the sessions interleave (virtual time)
         users = user_texts(request.messages)
         if len({text.split("/")[0] for text in users}) != 1:
             cross_talk.append(users)
         return say(f"re: {users[-1]}")
 
-    outcomes: dict[str, TurnOutcome] = {}
-    with anyio.fail_after(HANG_S):
-        async with open_store(url) as store, open_runtime(store, model=model) as runtime:
-
-            async def send(session_id: str, text: str) -> None:
-                outcomes[text] = await runtime.run_turn(session_id, text)
-
-            async with anyio.create_task_group() as tg:
-                for i in range(3):
-                    for session_id in sessions:
-                        tg.start_soon(send, session_id, expected[session_id][i])
-            await runtime.wait_idle()
-            assert sorted(outcomes) == sorted(t for texts in expected.values() for t in texts)
-            assert all(o.kind == "assistant_message" for o in outcomes.values()), outcomes
-            assert cross_talk == []
+    async with store_on(url) as store, open_runtime(store, model=model) as runtime:
+        tickets: dict[str, Ticket] = {}
+        for i in range(4):
             for session_id in sessions:
-                read = await load(store, session_id)
-                users = Counter(text for role, text in graph(read) if role == "user")
-                assert users == Counter(expected[session_id]), (session_id, graph(read))
-                assert 1 <= read.head_revision <= 3
-                assert await queue_ids(store, session_id) == []
+                text = expected[session_id][i]
+                tickets[text] = await runtime.submit(session_id, text, source_key=text)
+        await runtime.wait_idle()
+        assert cross_talk == []
+        for ticket in tickets.values():
+            assert (await runtime.outcome(ticket)).outcome.kind == "assistant_message"
+        for session_id in sessions:
+            read = await load(store, session_id)
+            users = [text for role, text in graph(read) if role == "user"]
+            assert users == expected[session_id], "each message once, in submit order"
+            assert await queue_ids(store, session_id) == []
 
 
-async def test_a_model_error_becomes_a_provider_error_outcome(url: str) -> None:
+async def test_a_model_error_becomes_a_provider_error_outcome(
+    url: str, clock: trio.testing.MockClock
+) -> None:
     model = ScriptedModel(Fail("rate limited"))
-    with anyio.fail_after(HANG_S):
-        async with open_store(url) as store, open_runtime(store, model=model) as runtime:
-            outcome = await runtime.run_turn("s", "hi")
-            assert outcome.kind == "stopped"
-            assert outcome.reason == "provider_error"
-            assert "rate limited" in outcome.text
-            read = await load(store, "s")
-            assert graph(read) == [("user", "hi")]
-            assert read.head_revision == 1
-            assert await queue_ids(store, "s") == []
-
-
-async def test_a_model_returning_a_non_response_is_a_provider_error(url: str) -> None:
-    async def model(request: ModelRequest) -> ModelResponse:
-        return "not a ModelResponse"  # type: ignore[return-value]
-
-    with anyio.fail_after(HANG_S):
-        async with open_store(url) as store, open_runtime(store, model=model) as runtime:
-            outcome = await runtime.run_turn("s", "hi")
-            assert (outcome.kind, outcome.reason) == ("stopped", "provider_error")
-            assert await queue_ids(store, "s") == []
-
-
-async def test_unknown_and_failing_tools_become_error_results(url: str) -> None:
-    model = ScriptedModel(calls(call("nope", {"x": 1}), call("broken")), say("carried on"))
-    broken = RecordingTool(raises=ValueError("bad input"))
-    with anyio.fail_after(HANG_S):
-        async with (
-            open_store(url) as store,
-            open_runtime(store, model=model, tools={"broken": broken}) as runtime,
-            runtime.events("s") as stream,
-        ):
-            outcome = await runtime.run_turn("s", "try tools")
-            assert outcome == TurnOutcome(kind="assistant_message", text="carried on")
-            assert broken.calls == [None]
-            results = [(m.tool_call_id, m.text) for m in model.requests[1].messages[2:]]
-            assert results == [
-                ("call-1", json.dumps("no tool named 'nope'")),
-                ("call-2", json.dumps("ValueError: bad input")),
-            ]
-            tool_events = []
-            async for event in stream:
-                if event.type == "tool_call":
-                    tool_events.append(event.data)
-                if event.type == "turn_outcome":
-                    break
-            assert [(e["name"], e["is_error"]) for e in tool_events] == [  # type: ignore[index,call-overload]
-                ("nope", True),
-                ("broken", True),
-            ]
-            assert (await load(store, "s")).head_revision == 1
-
-
-async def test_shutdown_cancel_hands_the_work_back(url: str) -> None:
-    """Leaving the block cancels a stalled turn at once: its claim goes back to the queue (not
-    by expiry: claims and lease last a minute here), the lease is released, nothing is
-    committed; a new runtime over the store (resume=True) then delivers the message."""
-    stalled = Gate(ScriptedModel(Stall()), hold=False)
-    answering = ScriptedModel(say("late answer"))
-
-    async def resume_and_check(store: Store) -> None:
-        async with open_runtime(store, model=answering, resume=True) as runtime:
-            await runtime.wait_idle()
+    async with store_on(url) as store, open_runtime(store, model=model) as runtime:
+        outcome = await runtime.run_turn("s", "hi")
+        assert (outcome.kind, outcome.reason) == ("stopped", "provider_error")
+        assert "rate limited" in outcome.text
         read = await load(store, "s")
-        assert graph(read) == [("user", "m1"), ("assistant", "late answer")]
+        assert graph(read) == [("user", "hi")]
         assert read.head_revision == 1
         assert await queue_ids(store, "s") == []
 
-    with anyio.fail_after(HANG_S):
-        async with open_store(url) as store:
-            async with open_runtime(
-                store, model=stalled, owner_id="first", lease_ttl_ms=60_000
-            ) as runtime:
-                batch = await runtime.submit("s", "m1")
-                await stalled.entered.wait()
-            assert stalled.cancelled.is_set()
-            assert await pending_ids(store, "s") == [batch.batch_id]
-            lease = await take_lease(store, "s", "second", 60_000)  # released, not expired
-            assert lease.fencing_token == 2
-            await store.sessions.release_lease(lease.fence())
-            assert await store.sessions.bind("s").load() is None
-            if url == "memory://":
-                await resume_and_check(store)
-        if url != "memory://":
-            async with open_store(url) as store:
-                await resume_and_check(store)
+
+async def test_a_model_returning_a_non_response_ends_the_turn_with_a_typed_outcome(
+    url: str, clock: trio.testing.MockClock
+) -> None:
+    replies: list[Any] = ["not a ModelResponse", say("fine again")]
+
+    async def model(request: ModelRequest) -> ModelResponse:
+        return replies.pop(0)  # type: ignore[no-any-return]
+
+    async with store_on(url) as store, open_runtime(store, model=model) as runtime:
+        outcome = await runtime.run_turn("s", "hi")
+        assert (outcome.kind, outcome.reason) == ("stopped", "invalid_model_response")
+        assert "str" in outcome.text
+        assert (await runtime.run_turn("s", "again")).text == "fine again"
 
 
-async def test_shutdown_finish_waits_for_queued_work(url: str) -> None:
+async def test_a_tool_returning_a_datetime_ends_its_turn_and_the_next_message_is_answered(
+    url: str, clock: trio.testing.MockClock
+) -> None:
+    """A tool that returns something that is not JSON (a datetime) ends its turn with a typed
+    outcome and an event; nothing crashes, nothing is retried forever, and the session goes on
+    with its next message."""
+
+    async def now(args: object) -> object:
+        return datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
+
+    model = ScriptedModel(call("now"), say("next one answered"))
+    async with (
+        store_on(url) as store,
+        open_runtime(store, model=model, tools={"now": now}) as runtime,
+        runtime.events("s") as stream,
+    ):
+        first = await runtime.submit("s", "what time is it?")
+        second = await runtime.submit(
+            "s", "and now?", delivery=DeliveryPolicy.AFTER_CURRENT_TURN_COMMIT
+        )
+        reply = await runtime.outcome(first)
+        assert (reply.outcome.kind, reply.outcome.reason, reply.outcome.tool_name) == (
+            "stopped",
+            "invalid_tool_result",
+            "now",
+        )
+        assert "datetime" in reply.outcome.text
+        assert (await runtime.outcome(second)).text == "next one answered"
+        events = await collect(stream, lambda e: e.type == "turn_outcome")
+        assert any(e.type == "error" and "datetime" in str(e.data) for e in events)
+        report = await runtime.wait_idle()
+        assert report.parked == ()
+        read = await load(store, "s")
+        roles = [role for role, _ in graph(read)]
+        assert roles == ["user", "assistant", "tool", "user", "assistant"]
+
+
+async def test_unknown_and_failing_tools_become_error_results(
+    url: str, clock: trio.testing.MockClock
+) -> None:
+    model = ScriptedModel(calls(call("nope", {"x": 1}), call("broken")), say("carried on"))
+    broken = RecordingTool(raises=ValueError("bad input"))
+    async with (
+        store_on(url) as store,
+        open_runtime(store, model=model, tools={"broken": broken}) as runtime,
+        runtime.events("s") as stream,
+    ):
+        outcome = await runtime.run_turn("s", "try tools")
+        assert outcome == TurnOutcome(kind="assistant_message", text="carried on")
+        assert broken.calls == [None]
+        results = [(m.tool_call_id, m.text) for m in model.requests[1].messages[2:]]
+        assert results == [
+            ("call-1", json.dumps("no tool named 'nope'")),
+            ("call-2", json.dumps("ValueError: bad input")),
+        ]
+        events = await collect(stream, lambda e: e.type == "turn_outcome")
+        tool_events = [e.data for e in events if e.type == "tool_call"]
+        assert [(e["phase"], e["name"], e.get("is_error")) for e in tool_events] == [  # type: ignore[index,union-attr,call-overload]
+            ("started", "nope", None),
+            ("finished", "nope", True),
+            ("started", "broken", None),
+            ("finished", "broken", True),
+        ]
+        assert (await load(store, "s")).head_revision == 1
+
+
+async def test_a_resend_after_the_answer_gets_the_original_ticket_and_no_second_turn(
+    url: str, clock: trio.testing.MockClock
+) -> None:
+    """A client that never saw its reply sends again with the same source key: it gets the
+    original ticket, already answered, and no second turn runs. The same key with another
+    text gets the original too, flagged as a conflict."""
+    model = ScriptedModel(say("the one answer"), then="a second turn (must not happen)")
+    async with store_on(url) as store, open_runtime(store, model=model) as runtime:
+        ticket = await runtime.submit("s", "hello", source_key="client-msg-1")
+        assert (await runtime.outcome(ticket)).text == "the one answer"
+        await runtime.wait_idle()
+        again = await runtime.submit("s", "hello", source_key="client-msg-1")
+        assert again == attrs.evolve(ticket, status=SubmitStatus.DUPLICATE)
+        other = await runtime.submit("s", "hello, again?", source_key="client-msg-1")
+        assert other == attrs.evolve(ticket, status=SubmitStatus.CONFLICT)
+        assert (await runtime.outcome(again)).text == "the one answer"
+        await runtime.wait_idle()
+        assert model.calls == 1
+        read = await load(store, "s")
+        assert graph(read) == [("user", "hello"), ("assistant", "the one answer")]
+
+
+async def test_an_outcome_is_read_after_a_restart(tmp_path: Path) -> None:
+    """The answer is durable: a runtime in a new process (here: a new store handle and a new
+    runtime after the first closed) reads it from the ticket alone."""
+    url = "sqlite:///" + str(tmp_path / "restart.db")
+    async with open_store(url) as store, open_runtime(store, model=ScriptedModel("42")) as rt:
+        ticket = await rt.submit("s", "the question", source_key="q")
+        await rt.wait_idle()
+    async with open_store(url) as store, open_runtime(store, model=ScriptedModel(Stall())) as rt:
+        reply = await rt.outcome(Ticket(session_id="s", batch_id=ticket.batch_id))
+        assert reply.text == "42" and reply.turn_id == f"turn:{ticket.batch_id}"
+        resent = await rt.submit("s", "the question", source_key="q")
+        assert resent.batch_id == ticket.batch_id and resent.status is SubmitStatus.DUPLICATE
+        with pytest.raises(QueuedWorkNotFound):
+            await rt.outcome(Ticket(session_id="s", batch_id="qwb:unknown"))
+
+
+async def test_a_message_that_keeps_failing_is_parked_and_can_be_resubmitted(
+    url: str, clock: trio.testing.MockClock
+) -> None:
+    """A turn whose commit the store refuses for good (here: an answer larger than the store
+    takes) fails, is retried, and after ``max_failures`` its message is parked, with the error,
+    as an event and in the store; the session goes on with the next message; ``outcome``
+    raises QueuedWorkParked; ``wait_idle`` reports it; once the cause is gone, ``resubmit``
+    delivers it, before the work enqueued after it."""
+    huge = "x" * 5_000
+    answers = [huge, huge, "second is fine", "now it fits"]
+
+    async def model(request: ModelRequest) -> ModelResponse:
+        return say(answers.pop(0))
+
+    async with (
+        store_on(url, max_payload_bytes=4_000) as store,
+        open_runtime(store, model=model, max_failures=2) as runtime,
+        runtime.events("s") as stream,
+    ):
+        poison = await runtime.submit("s", "too much")
+        fine = await runtime.submit("s", "next", delivery=DeliveryPolicy.AFTER_CURRENT_TURN_COMMIT)
+        assert (await runtime.outcome(fine)).text == "second is fine"
+        with pytest.raises(QueuedWorkParked) as caught:
+            await runtime.outcome(poison)
+        assert (caught.value.batch_id, caught.value.failures) == (poison.batch_id, 2)
+        assert "PayloadTooLarge" in caught.value.last_error
+        report = await runtime.wait_idle()
+        assert [b.batch_id for b in report.parked] == [poison.batch_id]
+        events = await collect(stream, lambda e: e.type == "work_parked")
+        assert [e.type for e in events].count("turn_failed") == 2
+        assert events[-1].data["ticket"] == poison.batch_id  # type: ignore[index,call-overload]
+        await runtime.resubmit(poison)
+        assert (await runtime.outcome(poison)).text == "now it fits"
+        assert (await runtime.wait_idle()).parked == ()
+        users = [text for role, text in graph(await load(store, "s")) if role == "user"]
+        assert users == ["next", "too much"]
+
+
+async def test_transient_store_errors_delay_but_never_strand_a_message(
+    url: str, clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every lease take, claim, renewal and commit fails with StoreBusyError three times
+    before it goes through (a store locked by another process): the actor retries with
+    backoff, publishes ``store_retry`` events, never stops, and answers every message once."""
+    async with store_on(url) as store:
+        sessions = store.sessions
+        for name in (
+            "try_claim_lease",
+            "claim_queued_work",
+            "renew_lease_and_claims",
+            "has_queued_work",
+        ):
+            monkeypatch.setattr(sessions, name, busy_three_times(getattr(sessions, name)))
+        handle_commit = type(sessions.bind("s")).commit
+        monkeypatch.setattr(type(sessions.bind("s")), "commit", busy_three_times(handle_commit))
+        model = ScriptedModel(say("one"), say("two"))
+        async with (
+            open_runtime(store, model=model, lease_ttl_ms=3_000) as runtime,
+            runtime.events("s") as stream,
+        ):
+            first = await runtime.submit("s", "m1")
+            second = await runtime.submit(
+                "s", "m2", delivery=DeliveryPolicy.AFTER_CURRENT_TURN_COMMIT
+            )
+            assert [(await runtime.outcome(t)).text for t in (first, second)] == ["one", "two"]
+            report = await runtime.wait_idle()
+            assert report.parked == ()
+            events = await collect(stream, lambda e: e.type == "turn_outcome")
+            assert any(e.type == "store_retry" for e in events)
+        assert graph(await load(store, "s")) == [
+            ("user", "m1"),
+            ("assistant", "one"),
+            ("user", "m2"),
+            ("assistant", "two"),
+        ]
+
+
+def busy_three_times(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """``method`` failing with StoreBusyError three times before each call that goes through."""
+    failures = Counter[str]()
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures["busy"] < 3:
+            failures["busy"] += 1
+            raise StoreBusyError("test", 0.0)
+        failures["busy"] = 0
+        return await method(*args, **kwargs)
+
+    return flaky
+
+
+async def test_shutdown_cancel_hands_the_work_back(url: str, clock: trio.testing.MockClock) -> None:
+    """Leaving the block cancels a stalled turn at once: its claim goes back to the queue,
+    the lease is released (not left to expire), nothing is committed; a new runtime over the
+    store (resume=True) then delivers the message."""
+    stalled = Gate(ScriptedModel(Stall()), hold=False)
+    async with store_on(url) as store:
+        async with open_runtime(
+            store, model=stalled, owner_id="first", lease_ttl_ms=60_000
+        ) as runtime:
+            ticket = await runtime.submit("s", "m1")
+            await stalled.entered.wait()
+        assert stalled.cancelled.is_set()
+        pending = await store.sessions.list_pending_queued_work("s")
+        assert [b.batch_id for b in pending] == [ticket.batch_id]
+        lease = await store.sessions.try_claim_lease("s", "second", 60_000)
+        assert lease is not None and lease.fencing_token == 2  # released, not expired
+        await store.sessions.release_lease(lease.fence())
+        assert await store.sessions.bind("s").load() is None
+        async with open_runtime(store, model=ScriptedModel("late answer")) as runtime:
+            assert (await runtime.outcome(ticket)).text == "late answer"
+        read = await load(store, "s")
+        assert graph(read) == [("user", "m1"), ("assistant", "late answer")]
+
+
+async def test_shutdown_finish_waits_for_queued_work(
+    url: str, clock: trio.testing.MockClock
+) -> None:
     model = Gate(ScriptedModel(then="done"))
     leaving = anyio.Event()
 
@@ -472,211 +671,178 @@ async def test_shutdown_finish_waits_for_queued_work(url: str) -> None:
         await leaving.wait()
         model.release.set()
 
-    with anyio.fail_after(HANG_S):
-        async with open_store(url) as store:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(release_once_leaving)
-                async with open_runtime(store, model=model, shutdown="finish") as runtime:
-                    await runtime.submit("s1", "m1")
-                    await runtime.submit("s2", "m2")
-                    await model.entered.wait()  # a turn is stuck in its model call...
-                    leaving.set()  # ...and is let go only once the block is being left
-            assert not model.cancelled.is_set()
-            for session_id, text in (("s1", "m1"), ("s2", "m2")):
-                read = await load(store, session_id)
-                assert graph(read) == [("user", text), ("assistant", "done")]
-                assert await queue_ids(store, session_id) == []
+    async with store_on(url) as store:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release_once_leaving)
+            async with open_runtime(store, model=model, shutdown="finish") as runtime:
+                await runtime.submit("s1", "m1")
+                await runtime.submit("s2", "m2")
+                await model.entered.wait()  # a turn is stuck in its model call...
+                leaving.set()  # ...and is let go only once the block is being left
+        assert not model.cancelled.is_set()
+        for session_id, text in (("s1", "m1"), ("s2", "m2")):
+            read = await load(store, session_id)
+            assert graph(read) == [("user", text), ("assistant", "done")]
 
 
-async def steal_lease(store: Store, clock: FakeClock, how: str, owner: str) -> SessionLease:
-    """Take session "s"'s lease from the runtime ``owner`` for a thief: by letting it expire
-    (the fake clock jumps past it, as if the runtime had stalled), or by releasing the
-    runtime's own grant (re-entering the lease as its owner returns that grant)."""
-    if how == "expire":
-        clock.advance(1_000)
-    else:
-        held = await take_lease(store, "s", owner, 300)
-        await store.sessions.release_lease(held.fence())
-    thief = await take_lease(store, "s", "thief", 300)
-    assert thief.fencing_token == 2
-    return thief
+@pytest.mark.parametrize("how", ["stalled store", "stolen"])
+async def test_a_lost_lease_cancels_the_turn_and_the_work_is_delivered_once(
+    url: str, clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The runtime renews its lease every ttl/3. Lost, the running turn is cancelled at once
+    (the model call sees it) and nothing is committed under the old lease; the work is
+    delivered once, by whoever holds the lease next.
 
-
-@pytest.mark.parametrize("how", ["expire", "release"])
-async def test_lease_loss_cancels_the_turn_and_abandons_its_claims(url: str, how: str) -> None:
-    """The runtime renews its lease every ttl/3; once a renewal fails the running turn is
-    cancelled (the stalled model call sees the cancellation), its claim is handed back, and
-    nothing is committed. With ``how="release"`` the fake clock never moves, so the work is
-    pending again only because the claim was abandoned (it has not expired)."""
-    clock = FakeClock()
+    - "stalled store": renewals hang (a store call that never returns), so the lease runs out
+      by the shared clock: the actor stops the turn without waiting for the store, and takes
+      the lease again once renewals work;
+    - "stolen": a thief releases the runtime's grant and takes the lease; the next renewal is
+      refused; the thief does nothing and releases; the runtime takes the lease back."""
     model = Gate(ScriptedModel(Stall(), then="recovered"), hold=False)
-    with anyio.fail_after(HANG_S):
+    async with store_on(url) as store:
+        sessions = store.sessions
+        renew = sessions.renew_lease_and_claims
+        stalled = anyio.Event()
+
+        async def hang_once(*args: Any) -> Any:
+            if not stalled.is_set():
+                stalled.set()
+                await anyio.sleep_forever()
+            return await renew(*args)
+
+        if how == "stalled store":
+            monkeypatch.setattr(sessions, "renew_lease_and_claims", hang_once)
         async with (
-            open_store(url, clock=clock) as store,
-            open_runtime(store, model=model, owner_id="victim", lease_ttl_ms=300) as runtime,
+            open_runtime(store, model=model, owner_id="victim", lease_ttl_ms=3_000) as runtime,
+            runtime.events("s") as stream,
         ):
-            batch = await runtime.submit("s", "m1")
+            ticket = await runtime.submit("s", "m1")
             await model.entered.wait()
-            thief = await steal_lease(store, clock, how, "victim")
-            await model.cancelled.wait()
-            await wait_until(lambda: _pending_is(store, [batch.batch_id]))
-            assert await store.sessions.bind("s").load() is None
-            claim = await store.sessions.claim_queued_work(
-                "s", thief.fence(), "thief", ClaimBoundary.IDLE, 300, 64
-            )
-            assert claim is not None
-            assert [b.batch_id for b in claim.batches] == [batch.batch_id]
-            assert model.calls == 1  # nothing ran the session while the thief held it
-            await store.sessions.abandon_queued_work_claim(claim)
-            await store.sessions.release_lease(thief.fence())
+            if how == "stolen":
+                held = await sessions.try_claim_lease("s", "victim", 3_000)  # re-entry: its grant
+                assert held is not None
+                await sessions.release_lease(held.fence())
+                thief = await sessions.try_claim_lease("s", "thief", 3_000)
+                assert thief is not None and thief.fencing_token == 2
+                await model.cancelled.wait()
+                await sessions.release_lease(thief.fence())
+            else:
+                await model.cancelled.wait()
+            assert (await runtime.outcome(ticket)).text == "recovered"
+            events = await collect(stream, lambda e: e.type == "turn_outcome")
+            assert any(e.type == "lease_lost" for e in events)
+            assert model.calls == 2
+        read = await load(store, "s")
+        assert graph(read) == [("user", "m1"), ("assistant", "recovered")]
+        assert read.head_revision == 1
 
 
-async def _pending_is(store: Store, batch_ids: list[str]) -> bool:
-    return await pending_ids(store, "s") == batch_ids
-
-
-async def test_resume_takes_over_work_a_dead_runtime_left_claimed(url: str) -> None:
-    """A runtime that dies mid-turn leaves a live lease and a live claim; a runtime started
-    before they expire must still deliver the message once they do ("a claim left by the dead
-    runtime is taken again once it expires"). Regression: ``resume`` used to list only
-    sessions with work claimable *now*, and an actor gave up when no work was *pending*, so
-    the message was stranded. The dead runtime is played with the store API; the fake clock
-    then moves past its lease and claim."""
-    clock = FakeClock()
+async def test_a_dead_runtime_s_claim_is_void_once_its_lease_ends(
+    url: str, clock: trio.testing.MockClock
+) -> None:
+    """A runtime that died mid-turn left a live lease and a live claim (a long one). A new
+    runtime delivers the message as soon as the dead *lease* ends: its new lease grant voids
+    the dead claim at once, so nothing waits for the claim to expire."""
     model = ScriptedModel(say("answered"))
-    with anyio.fail_after(HANG_S):
-        async with open_store(url, clock=clock) as store:
-            sessions = store.sessions
-            batch = await sessions.enqueue(user_draft("s", "m1"))
-            dead = await take_lease(store, "s", "dead", 600)
-            claim = await sessions.claim_queued_work(
-                "s", dead.fence(), "dead", ClaimBoundary.IDLE, 600, 64
+    async with store_on(url) as store:
+        sessions = store.sessions
+        ticket = await sessions.submit(
+            QueuedWorkDraft(
+                session_id="s",
+                delivery=DeliveryPolicy.EARLIEST_SAFE_BOUNDARY,
+                slot=SlotPolicy.JOIN,
+                payloads=[{"role": "user", "text": "m1"}],
             )
-            assert claim is not None and [b.batch_id for b in claim.batches] == [batch.batch_id]
-            async with open_runtime(store, model=model, lease_ttl_ms=600, resume=True) as runtime:
-                clock.advance(601)  # the dead runtime's lease and claim have expired now
-                with anyio.move_on_after(5):
-                    await wait_until(lambda: _queue_empty(store))
-                assert await queue_ids(store, "s") == [], (
-                    "5 s after the dead runtime's claim expired, m1 is still queued; the "
-                    f"runtime has actors for {runtime.active_sessions} and called the model "
-                    f"{model.calls}x"
-                )
-                read = await load(store, "s")
-                assert graph(read) == [("user", "m1"), ("assistant", "answered")]
-
-
-# --- runtime bugs: these fail until the runtime is fixed (see each docstring) ----------------
-
-
-async def test_after_losing_its_lease_the_runtime_delivers_the_work_once_free(url: str) -> None:
-    """BUG (liveness): after a lost lease the actor exits even though its session still has
-    work (``_SessionActor.run`` breaks out unless poked), so the abandoned message stays in
-    the queue until some later submit or resume, and the ``run_turn`` caller waits forever.
-    Expected: once the lease is free again, the runtime takes the session back and delivers."""
-    clock = FakeClock()
-    model = Gate(ScriptedModel(Stall(), then="recovered"), hold=False)
-    outcomes: list[TurnOutcome] = []
-    with anyio.fail_after(HANG_S):
-        async with (
-            open_store(url, clock=clock) as store,
-            open_runtime(store, model=model, owner_id="victim", lease_ttl_ms=300) as runtime,
-            anyio.create_task_group() as tg,
-        ):
-
-            async def send() -> None:
-                outcomes.append(await runtime.run_turn("s", "m1"))
-
-            tg.start_soon(send)
-            await model.entered.wait()
-            thief = await steal_lease(store, clock, "expire", "victim")
-            await model.cancelled.wait()
-            await store.sessions.release_lease(thief.fence())  # the thief did nothing
-            with anyio.move_on_after(5):
-                await wait_until(lambda: _queue_empty(store))
-            assert await queue_ids(store, "s") == [], (
-                "5 s after the lease was free again, m1 is still queued; the runtime has "
-                f"actors for {runtime.active_sessions} and called the model {model.calls}x"
-            )
-            await runtime.wait_idle()
-            read = await load(store, "s")
-            assert graph(read) == [("user", "m1"), ("assistant", "recovered")]
-            tg.cancel_scope.cancel()
-    assert outcomes == [TurnOutcome(kind="assistant_message", text="recovered")]
-
-
-async def _queue_empty(store: Store) -> bool:
-    return await queue_ids(store, "s") == []
+        )
+        dead = await sessions.try_claim_lease("s", "dead", 3_000)
+        assert dead is not None
+        claim = await sessions.claim_queued_work(
+            "s", dead.fence(), "dead", ClaimBoundary.IDLE, 3_600_000, 64
+        )
+        assert claim is not None and claim.expires_at_ms - dead.expires_at_ms > 3_000_000
+        async with open_runtime(store, model=model, lease_ttl_ms=3_000) as runtime:
+            reply = await runtime.outcome(ticket)
+            assert reply.text == "answered"
+            status = await sessions.queued_work_status("s", ticket.batch_id)
+            assert status is not None and status.delivered_at_ms is not None
+            assert status.delivered_at_ms < claim.expires_at_ms
+        read = await load(store, "s")
+        assert graph(read) == [("user", "m1"), ("assistant", "answered")]
 
 
 async def test_a_turn_longer_than_the_lease_ttl_commits_once(
-    url: str, monkeypatch: pytest.MonkeyPatch
+    url: str, clock: trio.testing.MockClock
 ) -> None:
-    """BUG (lost work, duplicate delivery): the runtime claims a turn's queued work for
-    ``lease_ttl_ms`` and never renews the claim (only the lease). In a turn that outlives the
-    ttl the claim expires; the turn's own checkpoint claim then takes the same message again
-    and injects it a second time (the model sees "m1" twice), and the commit fails with
-    QueuedWorkClaimExpired (the first claim lost its batch), so run_turn raises and the turn is
-    thrown away. With the default ttl (15 s) this is any turn longer than 15 s.
+    """A model call ten times as long as the lease ttl: the lease and the turn's claim are
+    renewed together all along, the checkpoint does not take the message again, and the turn
+    commits once."""
+    inner = ScriptedModel(say("slow answer"), then="again")
 
-    The fake clock moves 200 ms (of a 300 ms ttl) at a time while the model call runs, and
-    each step waits for a lease renewal, so the lease stays live throughout while the claim,
-    taken at the start, expires."""
-    clock = FakeClock()
-    renewed_at: list[int] = []
-    renewal = [anyio.Event()]
-
-    async def slow_model(request: ModelRequest) -> ModelResponse:
-        if len(inner.requests) == 0:
-            for _ in range(3):  # 600 ms of fake time in all: past the claim's 300 ms
-                clock.advance(200)
-                target = clock.now_ms()
-                while not renewed_at or renewed_at[-1] < target:
-                    renewal[0] = anyio.Event()
-                    await renewal[0].wait()
+    async def slow(request: ModelRequest) -> ModelResponse:
+        await anyio.sleep(30.0)  # virtual seconds; the ttl is 3 s
         return await inner(request)
 
-    inner = ScriptedModel(say("slow answer"), then="again")
-    with anyio.fail_after(HANG_S):
-        async with open_store(url, clock=clock) as store:
-            real_renew = store.sessions.renew_lease
+    async with store_on(url) as store, open_runtime(store, model=slow, lease_ttl_ms=3_000) as rt:
+        assert await rt.run_turn("s", "m1") == TurnOutcome(
+            kind="assistant_message", text="slow answer"
+        )
+        assert [user_texts(r.messages) for r in inner.requests] == [["m1"]]
+        read = await load(store, "s")
+        assert graph(read) == [("user", "m1"), ("assistant", "slow answer")]
+        assert read.head_revision == 1
 
-            async def renew(fence: LeaseFence, ttl_ms: int) -> SessionLease:
-                at = clock.now_ms()
-                lease = await real_renew(fence, ttl_ms)
-                renewed_at.append(at)
-                renewal[0].set()
-                return lease
 
-            monkeypatch.setattr(store.sessions, "renew_lease", renew)
-            async with open_runtime(store, model=slow_model, lease_ttl_ms=300) as runtime:
-                error: Exception | None = None
-                outcome = None
-                try:
-                    outcome = await runtime.run_turn("s", "m1")
-                except Exception as exc:
-                    error = exc
-                assert [user_texts(r.messages) for r in inner.requests] == [["m1"]], (
-                    "the turn's own checkpoint claimed its expired claim's message again "
-                    f"(and run_turn raised {error!r})"
-                )
-                assert error is None, f"run_turn raised {error!r}"
-                assert outcome == TurnOutcome(kind="assistant_message", text="slow answer")
-                read = await load(store, "s")
-                assert graph(read) == [("user", "m1"), ("assistant", "slow answer")]
-                assert read.head_revision == 1
-                assert await queue_ids(store, "s") == []
+async def test_delayed_work_is_delivered_when_due(url: str, clock: trio.testing.MockClock) -> None:
+    model = ScriptedModel(then="later, as planned")
+    async with store_on(url) as store, open_runtime(store, model=model) as runtime:
+        due = store.clock.now_ms() + 60_000
+        ticket = await runtime.submit("s", "remind me in a minute", available_at_ms=due)
+        assert runtime.active_sessions == ["s"]
+        await runtime.wait_idle()
+        status = await store.sessions.queued_work_status("s", ticket.batch_id)
+        assert status is not None and status.delivered_at_ms is not None
+        assert status.delivered_at_ms >= due
+        assert model.calls == 1
+
+
+async def test_open_runtime_on_a_closed_store_raises_store_closed(url: str) -> None:
+    async with open_store(url) as store:
+        pass
+    with pytest.raises(StoreClosedError):
+        async with open_runtime(store, model=ScriptedModel("x")):
+            pass  # pragma: no cover
+
+
+async def test_bad_tickets_and_options_are_invalid(url: str) -> None:
+    async with open_store(url) as store:
+        for bad in ({"lease_ttl_ms": 10}, {"max_failures": 0}, {"shutdown": "later"}):
+            with pytest.raises(InvalidArgument):
+                async with open_runtime(store, model=ScriptedModel("x"), **bad):
+                    pass  # pragma: no cover
+        async with open_runtime(store, model=ScriptedModel("x")) as runtime:
+            with pytest.raises(InvalidArgument):
+                await runtime.outcome("qwb:1")  # type: ignore[arg-type]
+            with pytest.raises(InvalidArgument):
+                await runtime.outcome(Ticket(session_id="s", batch_id="b"), poll_interval=0)
+            with pytest.raises(InvalidArgument):
+                async with runtime.events(since=-1):
+                    pass  # pragma: no cover
 
 
 # --- asyncio ---------------------------------------------------------------------------------
 
 
+async def guarded(scenario: Callable[..., Awaitable[None]], *args: Any) -> None:
+    with anyio.fail_after(HANG_S):
+        await scenario(*args)
+
+
 def test_simple_turn_under_asyncio(url: str) -> None:
-    anyio.run(simple_turn, url, backend="asyncio")
+    anyio.run(guarded, simple_turn, url, backend="asyncio")
 
 
 def test_concurrent_tools_under_asyncio(url: str) -> None:
-    anyio.run(concurrent_tools, url, backend="asyncio")
+    anyio.run(guarded, concurrent_tools, url, backend="asyncio")
 
 
 @pytest.mark.parametrize(
@@ -685,4 +851,4 @@ def test_concurrent_tools_under_asyncio(url: str) -> None:
     ids=["join", "after_commit"],
 )
 def test_message_sent_during_a_turn_under_asyncio(url: str, delivery: DeliveryPolicy) -> None:
-    anyio.run(mid_turn_message, url, delivery, backend="asyncio")
+    anyio.run(guarded, mid_turn_message, url, delivery, backend="asyncio")

@@ -75,6 +75,8 @@ def faulty_store(seed: int, faults: Counter[str]) -> tuple[Store, FaultyRunner]:
             runner, backend_name="in-memory", clock=clock, ids=ids, max_payload_bytes=1 << 20
         ),
         closer=runner.aclose,
+        clock=clock,
+        ids=ids,
     )
     return store, runner
 

@@ -1,156 +1,218 @@
-"""The runtime: per-session actors that run agent turns against a store.
+"""The runtime: one actor per session with work, each the shell of a pure session driver.
 
 Theory of operation
 -------------------
 
-``submit`` only enqueues durable work (``store.sessions.enqueue``) and wakes the session's actor;
-it never runs a turn itself and never rejects a message because a turn is running. One actor
-exists per session while that session has work, and it owns everything that happens to it:
+``submit`` durably enqueues a message (``store.sessions.submit``), wakes the session's actor and
+returns a :class:`~turnbuckle.sansio.queue.Ticket` at once; it never runs a turn itself and never
+rejects a message because a turn is running. A source key makes the submit idempotent for as
+long as the session's history is kept: the same key again returns the original ticket, answered
+or not, and never runs a second turn.
 
-1. take the session execution lease (owner = this runtime); if another runtime holds it, wait
-   and try again until it is released or expires;
-2. keep the lease: a helper task renews it every ``ttl/3``; if a renewal fails (the lease was
-   lost), the running turn is cancelled and its queue claims are abandoned;
-3. claim the queued work at the idle boundary, build the turn's input from it, and drive the
-   pure :class:`~turnbuckle.sansio.turn.TurnMachine`: model calls, tool batches (one batch's
-   tools concurrently), UI events to subscribers, and at every checkpoint a claim of
-   ``earliest_safe_boundary`` work, injected into the running turn;
-4. commit the turn atomically: the new messages as graph nodes, the checkpoint, token usage, the
-   completion of every queue claim the turn took, and a turn stamp (so a retry after an ambiguous
-   failure replays instead of applying twice); then take the next work, or release the lease and
-   exit.
+Each session with work has one actor, and the actor decides nothing: every decision is the
+:class:`~turnbuckle.sansio.driver.SessionDriver`'s (read its theory of operation). The actor is a
+mailbox loop: it feeds the driver one event at a time (a wake, a store result, a model or tool
+result, a timer) with the time from the store's clock, and carries out the commands it gets:
+store calls, model and tool calls run as tasks whose results come back through the same bounded
+mailbox; events go to subscribers; when the driver says exit, the actor leaves the registry in
+the same step in which it checks for a last-moment wake, so a message is never stranded.
 
-A crash at any point loses nothing acknowledged: work is deleted only by the commit that
-delivered it, and a dead runtime's lease and claims expire. :meth:`Runtime.resume` (run at
-start) finds sessions with ready work and wakes their actors; a claim left by the dead runtime
-is taken again once it expires.
+The clock is the store's (``store.clock``): the driver's deadlines are in its milliseconds, and
+the actor sleeps until the next one on the event loop. With ``LoopClock`` under trio's
+``MockClock`` a whole runtime runs in virtual time.
 
-Mailboxes are bounded: event subscribers get a bounded stream, and an event that does not fit is
-dropped for that subscriber (counted in :attr:`EventStream.dropped`) rather than blocking the
-session.
+Answers are durable: a turn's commit records, for every message it delivered, the turn's outcome.
+:meth:`Runtime.outcome` reads it from the store, so it works after a restart and from another
+process; a local commit only makes it return sooner. A message whose turns keep failing is
+parked (dead-lettered) with its error after ``max_failures`` failures: ``outcome`` then raises
+:class:`~turnbuckle.errors.QueuedWorkParked`, :meth:`Runtime.resubmit` puts it back.
+
+Events go to subscribers of one session or of all, each with a sequence number; the runtime keeps
+the last ``event_history`` of them, so a subscriber can replay from a cursor (``since=0``: all it
+kept) and lose nothing emitted before it attached. A subscriber that falls behind by more than
+its buffer loses events, counted in :attr:`EventStream.dropped`; it never slows a session down.
+
+Shutting down (leaving the ``open_runtime`` block) cancels the running turns: each actor hands
+its claims back and releases its lease, shielded, within ``shutdown_grace`` seconds; with
+``shutdown="finish"`` the runtime first waits until every session it serves is idle.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import secrets
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import anyio
 import anyio.abc
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from turnbuckle.actors._mailbox import Mailbox
 from turnbuckle.actors.worker import open_worker
 from turnbuckle.adapters.store import Store
 from turnbuckle.errors import (
+    CorruptRecordError,
     InvalidArgument,
-    QueuedWorkClaimExpired,
-    SessionExecutionLeaseExpired,
-    TurnbuckleError,
+    QueuedWorkNotFound,
+    QueuedWorkParked,
 )
-from turnbuckle.sansio.codec import JSON
-from turnbuckle.sansio.lease import SessionLease
+from turnbuckle.sansio.codec import JSON, check_int64
+from turnbuckle.sansio.driver import (
+    CallModel,
+    CancelTurn,
+    ClaimWork,
+    Command,
+    Commit,
+    Committed,
+    DriverConfig,
+    Event,
+    Exit,
+    HandBack,
+    LeaseReleased,
+    LeaseRenewed,
+    LeaseTaken,
+    LoadSession,
+    ModelAnswered,
+    ModelRaised,
+    PeekQueue,
+    Publish,
+    QueuePeeked,
+    ReleaseLease,
+    RenewLease,
+    Resolve,
+    RunTool,
+    SessionDriver,
+    SessionEvent,
+    SessionLoaded,
+    Severity,
+    StopRequested,
+    StoreFailed,
+    TakeLease,
+    TimerFired,
+    ToolFinished,
+    Woken,
+    WorkClaimed,
+    WorkHandedBack,
+)
 from turnbuckle.sansio.queue import (
-    ClaimBoundary,
     DeliveryPolicy,
     MergeKey,
     QueuedWorkBatch,
-    QueuedWorkClaim,
     QueuedWorkDraft,
     SlotPolicy,
+    Ticket,
+    WorkState,
 )
-from turnbuckle.sansio.session import (
-    ActivePath,
-    Checkpoint,
-    GraphAppend,
-    RuntimeCommit,
-    SessionNode,
-    TurnCommitStamp,
-    UsageEntry,
-    turn_commit_hash,
-)
-from turnbuckle.sansio.turn import (
-    CallModel,
-    CheckpointDelivered,
-    Done,
-    Emit,
-    Message,
-    ModelFailed,
-    ModelReplied,
-    ModelRequest,
-    ModelResponse,
-    Progress,
-    RunTools,
-    ToolCall,
-    ToolResult,
-    ToolsFinished,
-    TurnEvent,
-    TurnMachine,
-    TurnOutcome,
-)
+from turnbuckle.sansio.session import ActivePath
+from turnbuckle.sansio.turn import ModelRequest, ModelResponse, ToolResult, TurnOutcome
 
-__all__ = ["EventStream", "Model", "Runtime", "Tool", "open_runtime"]
+__all__ = [
+    "EventStream",
+    "IdleReport",
+    "Model",
+    "Reply",
+    "Runtime",
+    "RuntimeEvent",
+    "Tool",
+    "open_runtime",
+]
 
 Model = Callable[[ModelRequest], Awaitable[ModelResponse]]
 Tool = Callable[[JSON], Awaitable[Any]]
-#: How many batches one claim takes at most.
-_CLAIM_MAX = 64
-_EVENT_BUFFER = 256
+
+logger = logging.getLogger("turnbuckle.runtime")
+
+#: A subscriber's buffer: events past it are dropped for that subscriber (and counted).
+_SUBSCRIBER_BUFFER: Final = 256
+#: An actor's mailbox: results wait here while the driver handles the one before.
+_INBOX: Final = 64
 
 
-@attrs.define
+@attrs.frozen(kw_only=True)
+class RuntimeEvent:
+    """One event of one session, numbered in the order the runtime emitted it."""
+
+    #: Grows by one per event of this runtime; pass it as ``since`` to resume after it.
+    seq: int
+    session_id: str
+    #: ``turn_started``, ``llm_request``, ``token_usage``, ``text_delta``, ``tool_call``
+    #: (``data["phase"]``: ``started`` or ``finished``), ``injected_input``, ``turn_outcome``
+    #: (``data["tickets"]``: the messages it answered), ``error``, ``turn_failed``,
+    #: ``work_parked``, ``turn_lost``, ``lease_lost``, ``store_retry``, ``session_error``,
+    #: ``session_stopped``.
+    type: str
+    data: JSON = None
+    turn_id: str | None = None
+    severity: Severity = Severity.DEBUG
+
+
+@attrs.frozen(kw_only=True)
+class Reply:
+    """The durable answer to one message: the outcome of the turn that delivered it."""
+
+    ticket: Ticket
+    turn_id: str | None
+    outcome: TurnOutcome
+    #: The session's head revision after that turn.
+    head_revision: int | None
+
+    @property
+    def text(self) -> str:
+        """The answer's text (the assistant's message, or why the turn stopped)."""
+        return self.outcome.text
+
+
+@attrs.frozen(kw_only=True)
+class IdleReport:
+    """What :meth:`Runtime.wait_idle` found: every queue empty, or parked."""
+
+    #: The parked (dead-lettered) batches in the store, with their errors.
+    parked: tuple[QueuedWorkBatch, ...]
+
+
+@attrs.define(eq=False)
 class EventStream:
-    """A subscriber's bounded stream of one session's UI events."""
+    """A subscriber's bounded stream of runtime events."""
 
-    receive: MemoryObjectReceiveStream[TurnEvent]
-    #: Events this subscriber missed because its buffer was full.
+    receive: MemoryObjectReceiveStream[RuntimeEvent]
+    #: Events this subscriber missed because its buffer was full (or its cursor was older than
+    #: the history kept).
     dropped: int = 0
 
     def __aiter__(self) -> EventStream:
         return self
 
-    async def __anext__(self) -> TurnEvent:
+    async def __anext__(self) -> RuntimeEvent:
         try:
             return await self.receive.receive()
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
 
 
-_Subscriber = tuple[MemoryObjectSendStream[TurnEvent], EventStream]
+@attrs.define(eq=False)
+class _Subscriber:
+    session_id: str | None
+    send: MemoryObjectSendStream[RuntimeEvent]
+    stream: EventStream
 
 
-@attrs.define
-class _Waiter:
-    done: anyio.Event = attrs.field(factory=anyio.Event)
-    outcome: TurnOutcome | None = None
-    error: BaseException | None = None
+def _outcome(value: JSON) -> TurnOutcome:
+    """The TurnOutcome a commit recorded (as ``attrs.asdict``).
 
-
-def message_to_payload(message: Message) -> JSON:
-    return {
-        "message_id": message.message_id,
-        "role": message.role,
-        "text": message.text,
-        "tool_calls": [
-            {"call_id": c.call_id, "name": c.name, "args": c.args} for c in message.tool_calls
-        ],
-        "tool_call_id": message.tool_call_id,
-    }
-
-
-def payload_to_message(payload: Any) -> Message:
-    return Message(
-        message_id=payload["message_id"],
-        role=payload["role"],
-        text=payload["text"],
-        tool_calls=[
-            ToolCall(call_id=c["call_id"], name=c["name"], args=c["args"])
-            for c in payload["tool_calls"]
-        ],
-        tool_call_id=payload["tool_call_id"],
-    )
+    Raises:
+        ValueError: not an outcome this runtime recorded.
+    """
+    if not isinstance(value, dict):
+        raise ValueError(f"not a recorded turn outcome: {value!r}")
+    try:
+        return TurnOutcome(**value)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise ValueError(f"not a recorded turn outcome: {value!r}") from exc
 
 
 class Runtime:
@@ -163,22 +225,22 @@ class Runtime:
         model: Model,
         tools: Mapping[str, Tool],
         task_group: anyio.abc.TaskGroup,
-        owner_id: str,
-        lease_ttl_ms: int,
-        max_turns: int,
+        config: DriverConfig,
+        event_history: int,
+        shutdown_grace: float,
     ) -> None:
         self.store = store
-        self.owner_id = owner_id
+        self.owner_id = config.owner_id
         self._model = model
         self._tools = dict(tools)
         self._tg = task_group
-        self._ttl = lease_ttl_ms
-        self._max_turns = max_turns
+        self._config = config
+        self._grace = shutdown_grace
         self._actors: dict[str, _SessionActor] = {}
-        self._subscribers: dict[
-            str, list[tuple[MemoryObjectSendStream[TurnEvent], EventStream]]
-        ] = {}
-        self._waiters: dict[tuple[str, str], _Waiter] = {}
+        self._subscribers: list[_Subscriber] = []
+        self._history: deque[RuntimeEvent] = deque(maxlen=event_history)
+        self._seq = 0
+        self._answered: dict[str, anyio.Event] = {}
         self._closing = False
 
     # --- the host's side ---
@@ -193,21 +255,23 @@ class Runtime:
         merge_key: MergeKey = MergeKey.PAYLOAD_DEFAULT,
         source_key: str | None = None,
         available_at_ms: int = 0,
-    ) -> QueuedWorkBatch:
-        """Durably enqueue a user message for a session and return at once.
+    ) -> Ticket:
+        """Durably enqueue a user message for a session and return its ticket at once.
 
         A message sent while a turn runs is queued, never rejected: ``earliest_safe_boundary``
-        input joins the running turn at its next checkpoint, ``after_current_turn_commit`` input
-        starts the next turn. The same ``source_key`` twice is one message.
+        input joins the running turn at its next checkpoint, ``after_current_turn_commit``
+        input starts the next turn. ``source_key`` makes the submit idempotent for as long as
+        the session's history is kept: the same key again returns the original ticket
+        (``status`` says ``duplicate``, or ``conflict`` if the text differs: the original is
+        kept and nothing is enqueued), never a second turn.
 
         Raises:
-            InvalidArgument, PayloadTooLarge: a bad argument.
-            QueuedWorkSourceKeyConflict: ``source_key`` was used for a different message.
+            InvalidArgument, PayloadTooLarge: a bad argument, or the runtime is shutting down.
             StoreClosedError and other store errors.
         """
         if self._closing:
             raise InvalidArgument("the runtime is shutting down")
-        batch = await self.store.sessions.enqueue(
+        ticket = await self.store.sessions.submit(
             QueuedWorkDraft(
                 session_id=session_id,
                 delivery=delivery,
@@ -219,47 +283,128 @@ class Runtime:
             )
         )
         self._wake(session_id)
-        return batch
+        return ticket
+
+    async def outcome(self, ticket: Ticket, *, poll_interval: float = 0.25) -> Reply:
+        """Wait for the answer to a submitted message and return it. The answer is durable:
+        this works after a restart and from another process than the one that ran the turn
+        (it is read from the store; a turn committed here wakes it at once, one committed
+        elsewhere within ``poll_interval`` seconds). The message's session is woken, so this
+        runtime serves it if nobody else does.
+
+        Raises:
+            QueuedWorkParked: the message was parked after failing turns (see :meth:`resubmit`).
+            QueuedWorkNotFound: the session has no such message (it was cancelled).
+            InvalidArgument: a bad ticket or interval.
+            CorruptRecordError: the recorded outcome cannot be read.
+            StoreClosedError and other store errors.
+        """
+        if not isinstance(ticket, Ticket):
+            raise InvalidArgument(f"expected a Ticket, got {ticket!r}")
+        if not isinstance(poll_interval, int | float) or not poll_interval > 0:
+            raise InvalidArgument(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
+        sessions, woke = self.store.sessions, False
+        while True:
+            answered = self._answered.setdefault(ticket.batch_id, anyio.Event())
+            status = await sessions.queued_work_status(ticket.session_id, ticket.batch_id)
+            if status is None:
+                raise QueuedWorkNotFound(ticket.session_id, ticket.batch_id)
+            if status.state is WorkState.DELIVERED:
+                try:
+                    outcome = _outcome(status.outcome)
+                except ValueError as exc:
+                    raise CorruptRecordError("queued_work", ticket.batch_id, str(exc)) from exc
+                return Reply(
+                    ticket=ticket,
+                    turn_id=status.turn_id,
+                    outcome=outcome,
+                    head_revision=status.head_revision,
+                )
+            if status.state is WorkState.PARKED:
+                batch = status.batch
+                raise QueuedWorkParked(
+                    ticket.session_id, ticket.batch_id, batch.failures, batch.last_error or ""
+                )
+            if not woke and not self._closing:
+                self._wake(ticket.session_id)
+                woke = True
+            with anyio.move_on_after(poll_interval):
+                await answered.wait()
+            if answered.is_set():
+                self._answered.pop(ticket.batch_id, None)
 
     async def run_turn(
         self, session_id: str, text: str, *, source_key: str | None = None
     ) -> TurnOutcome:
-        """Submit a message and wait for the outcome of the turn that delivers it.
+        """Submit a message and wait for the outcome of the turn that answers it.
 
         Raises:
-            whatever :meth:`submit` raises, and the error of the turn's actor if it failed
-            unexpectedly (a store error, say).
+            whatever :meth:`submit` and :meth:`outcome` raise.
         """
         key = source_key or f"run_turn:{secrets.token_hex(12)}"
-        waiter = self._waiters.setdefault((session_id, key), _Waiter())
-        try:
-            await self.submit(session_id, text, source_key=key)
-            await waiter.done.wait()
-        finally:
-            self._waiters.pop((session_id, key), None)
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.outcome is not None
-        return waiter.outcome
+        return (await self.outcome(await self.submit(session_id, text, source_key=key))).outcome
+
+    async def resubmit(self, ticket: Ticket) -> Ticket:
+        """Put a parked message back in its session's queue, at its old place, and wake the
+        session. A message that is not parked (queued or answered) is left as it is.
+
+        Raises:
+            QueuedWorkNotFound: the session has no such message.
+            InvalidArgument: a bad ticket.
+            StoreClosedError and other store errors.
+        """
+        if not isinstance(ticket, Ticket):
+            raise InvalidArgument(f"expected a Ticket, got {ticket!r}")
+        sessions = self.store.sessions
+        unparked = await sessions.unpark_queued_work(ticket.session_id, ticket.batch_id)
+        if (
+            unparked is None
+            and await sessions.queued_work_status(ticket.session_id, ticket.batch_id) is None
+        ):
+            raise QueuedWorkNotFound(ticket.session_id, ticket.batch_id)
+        self._wake(ticket.session_id)
+        return ticket
 
     @contextlib.asynccontextmanager
-    async def events(self, session_id: str) -> AsyncIterator[EventStream]:
-        """Subscribe to a session's UI events (text deltas, tool calls, usage, outcomes) for
-        the duration of the block."""
-        send, receive = anyio.create_memory_object_stream[TurnEvent](_EVENT_BUFFER)
-        stream = EventStream(receive)
-        entry = (send, stream)
-        self._subscribers.setdefault(session_id, []).append(entry)
+    async def events(
+        self, session_id: str | None = None, *, since: int | None = None
+    ) -> AsyncIterator[EventStream]:
+        """Subscribe to the events of one session (or of every session, for None) for the
+        duration of the block. With ``since``, the stream starts with the kept events after
+        that sequence number (``since=0``: every event kept, so nothing emitted before the
+        subscriber attached is lost); without it, with the next event.
+
+        Raises:
+            InvalidArgument: a bad session id or cursor.
+        """
+        if session_id is not None and (type(session_id) is not str or not session_id):
+            raise InvalidArgument(f"session_id must be a non-empty str or None, got {session_id!r}")
+        if since is not None:
+            check_int64("since", since)
+        send, receive = anyio.create_memory_object_stream[RuntimeEvent](_SUBSCRIBER_BUFFER)
+        subscriber = _Subscriber(session_id, send, EventStream(receive))
+        if since is not None:
+            # Events after the cursor that are no longer kept are lost to this subscriber.
+            oldest = self._history[0].seq if self._history else self._seq + 1
+            subscriber.stream.dropped += max(0, oldest - since - 1)
+            for event in self._history:
+                if event.seq > since:
+                    self._deliver(subscriber, event)
+        self._subscribers.append(subscriber)
         try:
-            yield stream
+            yield subscriber.stream
         finally:
-            self._subscribers[session_id].remove(entry)
+            self._subscribers.remove(subscriber)
             send.close()
             receive.close()
 
     async def resume(self) -> list[str]:
-        """Wake the actors of every session with ready queued work (run after a restart);
-        returns their ids."""
+        """Wake the actors of every session with ready, unparked work (run at start by
+        default); returns their ids.
+
+        Raises:
+            StoreClosedError and other store errors.
+        """
         sessions = await self.store.sessions.list_sessions_with_queued_work()
         for session_id in sessions:
             self._wake(session_id)
@@ -293,334 +438,260 @@ class Runtime:
         """Sessions that have an actor right now."""
         return sorted(self._actors)
 
-    async def wait_idle(self) -> None:
-        """Wait until no session has an actor (every queue this runtime can serve is empty)."""
+    def last_error(self, session_id: str) -> str | None:
+        """The last failure of a session's running actor (None: none, or no actor)."""
+        actor = self._actors.get(session_id)
+        return None if actor is None else actor.driver.last_error
+
+    async def wait_idle(self) -> IdleReport:
+        """Wait until every session this runtime serves is idle: its queue empty, or holding
+        only parked work (which the report lists, for every session of the store).
+
+        Raises:
+            StoreClosedError and other store errors (reading the parked work).
+        """
         while self._actors:
             await next(iter(self._actors.values())).exited.wait()
+        parked = await self.store.sessions.list_parked_queued_work()
+        return IdleReport(parked=tuple(parked))
 
     # --- the actors' side ---
 
     def _wake(self, session_id: str) -> None:
         actor = self._actors.get(session_id)
         if actor is not None:
-            actor.poke()
+            actor.wake()
+            return
+        if self._closing:
             return
         actor = _SessionActor(self, session_id)
         self._actors[session_id] = actor
         self._tg.start_soon(actor.run, name=f"turnbuckle session {session_id}")
 
-    def _publish(self, session_id: str, event: TurnEvent) -> None:
-        for send, stream in self._subscribers.get(session_id, ()):
-            try:
-                send.send_nowait(event)
-            except anyio.WouldBlock:
-                stream.dropped += 1
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass
+    def _publish(self, session_id: str, event: SessionEvent) -> None:
+        self._seq += 1
+        published = RuntimeEvent(
+            seq=self._seq,
+            session_id=session_id,
+            type=event.type,
+            data=event.data,
+            turn_id=event.turn_id,
+            severity=event.severity,
+        )
+        if logger.isEnabledFor(event.severity):
+            logger.log(event.severity, "session %s: %s %s", session_id, event.type, event.data)
+        self._history.append(published)
+        for subscriber in self._subscribers:
+            if subscriber.session_id in (None, session_id):
+                self._deliver(subscriber, published)
 
-    def _resolve(
-        self,
-        claims: list[QueuedWorkClaim],
-        outcome: TurnOutcome | None,
-        error: BaseException | None = None,
-    ) -> None:
-        for claim in claims:
-            for batch in claim.batches:
-                if batch.source_key is None:
-                    continue
-                waiter = self._waiters.get((claim.session_id, batch.source_key))
-                if waiter is not None and not waiter.done.is_set():
-                    waiter.outcome, waiter.error = outcome, error
-                    waiter.done.set()
+    @staticmethod
+    def _deliver(subscriber: _Subscriber, event: RuntimeEvent) -> None:
+        if subscriber.session_id not in (None, event.session_id):
+            return
+        try:
+            subscriber.send.send_nowait(event)
+        except anyio.WouldBlock:
+            subscriber.stream.dropped += 1
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+
+    def _resolve(self, batch_ids: Iterable[str]) -> None:
+        for batch_id in batch_ids:
+            answered = self._answered.pop(batch_id, None)
+            if answered is not None:
+                answered.set()
 
 
 class _SessionActor:
-    """The one actor of one session (see the module docstring)."""
+    """The one actor of one session: a mailbox loop around its driver (see the module
+    docstring)."""
 
     def __init__(self, runtime: Runtime, session_id: str) -> None:
         self.runtime = runtime
         self.session_id = session_id
-        self._poked = anyio.Event()
+        self.driver = SessionDriver(session_id, runtime._config, ids=runtime.store.ids)
+        self.mailbox: Mailbox[Event] = Mailbox(_INBOX)
+        #: A wake that did not fit in the mailbox (it is never lost, only merged).
+        self._woken = False
+        #: The running turn's model and tool calls, and which turn they belong to (a call that
+        #: starts after its turn was cancelled does not run).
+        self._turn_calls: set[anyio.CancelScope] = set()
+        self._turn_generation = 0
+        #: Store calls in flight (an exit waits for them: a release, a hand-back).
+        self._store_calls = 0
+        self._store_idle = anyio.Event()
         self.exited = anyio.Event()
-        #: Why the actor stopped early, if it did.
-        self.error: Exception | None = None
-        #: The queue claims of the running turn.
-        self._claims: list[QueuedWorkClaim] = []
 
-    def poke(self) -> None:
-        self._poked.set()
+    def wake(self) -> None:
+        if not self.mailbox.post_nowait(Woken()):
+            self._woken = True
 
     async def run(self) -> None:
-        runtime, sessions = self.runtime, self.runtime.store.sessions
-        try:
-            while True:
-                self._poked = anyio.Event()
-                lease = await sessions.try_claim_lease(
-                    self.session_id, runtime.owner_id, runtime._ttl
-                )
-                if lease is None:
-                    # Another runtime holds the session: look again when poked, or when its
-                    # lease could have expired.
-                    with anyio.move_on_after(max(runtime._ttl / 3000, 0.05)):
-                        await self._poked.wait()
-                    if not await self._has_work():
-                        break
-                    continue
-                if await self._hold(lease):
-                    continue  # lost the lease: the work went back; wait to take it again
-                later = await sessions.next_queued_work_in_ms(self.session_id)
-                # No await between this check and leaving the registry: a submit that
-                # arrives after it starts a new actor.
-                if self._poked.is_set():
-                    continue
-                if later is None:
-                    break
-                # Work that is not available yet: come back when it is (or when poked).
-                with anyio.move_on_after(later / 1000):
-                    await self._poked.wait()
-        except Exception as exc:
-            # One session's failure (a store error, a bug) never takes the runtime down: its
-            # work went back to the queue, and the next submit or resume starts a new actor.
-            self.error = exc
-        finally:
-            if runtime._actors.get(self.session_id) is self:
-                del runtime._actors[self.session_id]
-            self.exited.set()
-
-    async def _has_work(self) -> bool:
-        return await self.runtime.store.sessions.has_queued_work(self.session_id)
-
-    async def _hold(self, lease: SessionLease) -> bool:
-        """Serve the session under one lease grant, renewing it and the running turn's queue
-        claims; release it however this ends, unless it was lost. True if it was lost."""
-        sessions = self.runtime.store.sessions
-        lost = False
+        runtime, clock = self.runtime, self.runtime.store.clock
         try:
             async with anyio.create_task_group() as tg:
-                work = anyio.CancelScope()
-
-                async def keep() -> None:
-                    nonlocal lost
-                    ttl = self.runtime._ttl
-                    while True:
-                        await anyio.sleep(max(ttl / 3000, 0.01))
-                        try:
-                            await sessions.renew_lease(lease.fence(), ttl)
-                            for claim in list(self._claims):
-                                await sessions.renew_queued_work_claim(claim, ttl)
-                        except (SessionExecutionLeaseExpired, QueuedWorkClaimExpired):
-                            lost = True
-                            work.cancel()  # the turn stops; its claims go back
-                            return
-
-                tg.start_soon(keep)
-                with work:
-                    await self._serve(lease)
+                commands = self.driver.handle(Woken(), clock.now_ms())
+                while not self._execute(commands, tg):
+                    event = await self._next_event()
+                    commands = self.driver.handle(event, clock.now_ms())
+                await self._store_calls_done()
                 tg.cancel_scope.cancel()
         finally:
-            if not lost:
-                with anyio.CancelScope(shield=True), contextlib.suppress(TurnbuckleError):
-                    await sessions.release_lease(lease.fence())
-        return lost
+            if not self.driver.finished:
+                # Cancelled (the runtime is shutting down): hand back and release, shielded.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(runtime._grace):
+                    for command in self.driver.handle(StopRequested(), clock.now_ms()):
+                        if isinstance(command, HandBack | ReleaseLease):
+                            await self._perform(command)
+            if runtime._actors.get(self.session_id) is self:
+                del runtime._actors[self.session_id]
+            self.mailbox.close()
+            self.exited.set()
 
-    async def _serve(self, lease: SessionLease) -> None:
+    async def _next_event(self) -> Event:
+        if self._woken:
+            self._woken = False
+            return Woken()
+        clock = self.runtime.store.clock
+        return await self.mailbox.next(self.driver.next_deadline(), clock, TimerFired())
+
+    def _execute(self, commands: list[Command], tg: anyio.abc.TaskGroup) -> bool:
+        """Carry commands out (store, model and tool calls as tasks); True once the actor may
+        leave (and has left the registry)."""
         runtime = self.runtime
-        while True:
-            self._poked = anyio.Event()  # a submit from here on is seen below
-            claim = await runtime.store.sessions.claim_queued_work(
-                self.session_id,
-                lease.fence(),
-                runtime.owner_id,
-                ClaimBoundary.IDLE,
-                runtime._ttl,
-                _CLAIM_MAX,
-            )
-            if claim is None:
-                if not await self._has_work():
-                    return
-                # Work is there but not claimable: new work arrived just now (we are poked),
-                # or a runtime that died holds a claim on it, which expires within a ttl.
-                with anyio.move_on_after(max(runtime._ttl / 3000, 0.05)):
-                    await self._poked.wait()
-                continue
-            await self._turn(lease, claim)
+        for command in commands:
+            if isinstance(command, Publish):
+                runtime._publish(self.session_id, command.event)
+            elif isinstance(command, Resolve):
+                runtime._resolve(command.batch_ids)
+            elif isinstance(command, CancelTurn):
+                self._turn_generation += 1
+                for scope in self._turn_calls:
+                    scope.cancel()
+                self._turn_calls.clear()
+            elif isinstance(command, CallModel | RunTool):
+                tg.start_soon(self._turn_call, command, self._turn_generation)
+            elif isinstance(command, Exit):
+                if self._woken or self.mailbox.waiting:
+                    continue  # a wake arrived meanwhile: the driver starts again
+                # No await between that check and leaving the registry: a submit from here
+                # on starts a new actor.
+                if runtime._actors.get(self.session_id) is self:
+                    del runtime._actors[self.session_id]
+                return True
+            else:
+                self._store_calls += 1
+                tg.start_soon(self._store_call, command)
+        return False
 
-    async def _turn(self, lease: SessionLease, first: QueuedWorkClaim) -> None:
-        runtime, sessions = self.runtime, self.runtime.store.sessions
-        claims = self._claims = [first]  # shared with the keeper, which renews them
+    async def _store_calls_done(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.runtime._grace):
+            while self._store_calls:
+                self._store_idle = anyio.Event()
+                await self._store_idle.wait()
+
+    async def _store_call(self, command: Command) -> None:
         try:
-            handle = sessions.bind(self.session_id)
-            read = await handle.load(ActivePath())
-            history = [payload_to_message(n.payload) for n in read.nodes] if read else []
-            turn_id = f"turn:{first.batches[0].batch_id}"
-            machine = TurnMachine.start(
-                [*history, *_inputs(first)],
-                tools=sorted(runtime._tools),
-                max_turns=runtime._max_turns,
-                turn_id=turn_id,
-            )
-            while True:
-                effect = machine.poll_effect()
-                if effect is None:
-                    raise AssertionError("the turn machine stalled")  # a bug, not a state
-                if isinstance(effect, Emit):
-                    runtime._publish(self.session_id, effect.event)
-                elif isinstance(effect, Progress):
-                    pass  # kept in memory: the final commit is the durable boundary
-                elif isinstance(effect, CallModel):
-                    machine.handle_response(await self._call_model(effect))
-                elif isinstance(effect, RunTools):
-                    machine.handle_response(await self._run_tools(effect))
-                elif isinstance(effect, Done):
-                    # The commit completes the claims: the keeper must stop renewing them
-                    # before they are deleted (on failure they are abandoned below).
-                    self._claims = []
-                    await self._commit(
-                        handle,
-                        lease,
-                        read.head_revision if read else 0,
-                        len(history),
-                        effect,
-                        machine,
-                        claims,
-                    )
-                    runtime._resolve(claims, effect.outcome)
-                    return
-                else:  # a checkpoint: inject input queued for this boundary
-                    claim = await sessions.claim_queued_work(
-                        self.session_id,
-                        lease.fence(),
-                        runtime.owner_id,
-                        ClaimBoundary.ACTIVE_TURN_CHECKPOINT,
-                        runtime._ttl,
-                        _CLAIM_MAX,
-                    )
-                    injected: list[Message] = []
-                    if claim is not None:
-                        claims.append(claim)
-                        injected = _inputs(claim)
-                    machine.handle_response(
-                        CheckpointDelivered(effect_id=effect.effect_id, messages=injected)
-                    )
-        except BaseException as exc:
-            # The work goes back to the queue for the next holder; shielded so that a
-            # cancelled turn still hands its claims back.
-            with anyio.CancelScope(shield=True), contextlib.suppress(TurnbuckleError):
-                for claim in claims:
-                    await sessions.abandon_queued_work_claim(claim)
-            if isinstance(exc, Exception):
-                runtime._resolve(claims, None, exc)
-            raise
+            result = await self._perform(command)
         finally:
-            self._claims = []
+            self._store_calls -= 1
+            if not self._store_calls:
+                self._store_idle.set()
+        await self.mailbox.post(result)
 
-    async def _call_model(self, effect: CallModel) -> ModelReplied | ModelFailed:
+    async def _perform(self, command: Command) -> Event:
+        """One store command; its result, or the error it raised, as an event."""
+        sessions, sid = self.runtime.store.sessions, self.session_id
+        command_id: int = getattr(command, "command_id", 0)
         try:
-            response = await self.runtime._model(effect.request)
+            if isinstance(command, TakeLease):
+                lease = await sessions.try_claim_lease(sid, self.runtime.owner_id, command.ttl_ms)
+                return LeaseTaken(command_id=command_id, lease=lease)
+            if isinstance(command, RenewLease):
+                lease, claims = await sessions.renew_lease_and_claims(
+                    command.fence, command.claims, command.ttl_ms
+                )
+                return LeaseRenewed(command_id=command_id, lease=lease, claims=claims)
+            if isinstance(command, ClaimWork):
+                claim = await sessions.claim_queued_work(
+                    sid,
+                    command.fence,
+                    self.runtime.owner_id,
+                    command.boundary,
+                    command.ttl_ms,
+                    command.max_batches,
+                )
+                return WorkClaimed(command_id=command_id, claim=claim)
+            if isinstance(command, PeekQueue):
+                ready = await sessions.has_queued_work(sid)
+                due = await sessions.next_queued_work_in_ms(sid)
+                return QueuePeeked(command_id=command_id, ready=ready, due_in_ms=due)
+            if isinstance(command, LoadSession):
+                read = await sessions.bind(sid).load(ActivePath())
+                return SessionLoaded(command_id=command_id, read=read)
+            if isinstance(command, Commit):
+                result = await sessions.bind(sid).commit(command.commit)
+                return Committed(command_id=command_id, result=result)
+            if isinstance(command, HandBack):
+                parked: list[QueuedWorkBatch] = []
+                for claim in command.claims:
+                    if command.error is None:
+                        await sessions.abandon_queued_work_claim(claim)
+                    else:
+                        parked += await sessions.fail_queued_work(
+                            claim, command.error, command.max_failures
+                        )
+                return WorkHandedBack(command_id=command_id, parked=parked)
+            if isinstance(command, ReleaseLease):
+                await sessions.release_lease(command.fence)
+                return LeaseReleased(command_id=command_id)
+        except Exception as exc:  # every failure is the driver's to judge, bugs included
+            return StoreFailed(command_id=command_id, error=exc)
+        raise AssertionError(f"not a store command: {command!r}")
+
+    async def _turn_call(self, command: CallModel | RunTool, generation: int) -> None:
+        if generation != self._turn_generation:
+            return  # its turn was cancelled before it started
+        result: Event | None = None
+        with anyio.CancelScope() as scope:
+            self._turn_calls.add(scope)
+            try:
+                if isinstance(command, CallModel):
+                    result = await self._call_model(command)
+                else:
+                    result = await self._run_tool(command)
+            finally:
+                self._turn_calls.discard(scope)
+        if result is not None:  # None: cancelled with its turn
+            await self.mailbox.post(result)
+
+    async def _call_model(self, command: CallModel) -> Event:
+        try:
+            response = await self.runtime._model(command.request)
         except Exception as exc:
-            return ModelFailed(
-                effect_id=effect.effect_id,
+            return ModelRaised(
+                command_id=command.command_id,
                 message=f"{type(exc).__name__}: {exc}",
                 retryable=bool(getattr(exc, "retryable", False)),
             )
-        if not isinstance(response, ModelResponse):
-            return ModelFailed(
-                effect_id=effect.effect_id, message=f"the model returned {type(response).__name__}"
+        return ModelAnswered(command_id=command.command_id, response=response)
+
+    async def _run_tool(self, command: RunTool) -> Event:
+        call = command.call
+        tool = self.runtime._tools[call.name]  # the driver runs only known tools
+        try:
+            value = await tool(call.args)
+        except Exception as exc:  # reported to the model, which may carry on
+            value = ToolResult(
+                call_id=call.call_id,
+                name=call.name,
+                output=f"{type(exc).__name__}: {exc}",
+                is_error=True,
             )
-        return ModelReplied(effect_id=effect.effect_id, response=response)
-
-    async def _run_tools(self, effect: RunTools) -> ToolsFinished:
-        results: dict[str, ToolResult] = {}
-
-        async def one(call: ToolCall) -> None:
-            tool = self.runtime._tools.get(call.name)
-            if tool is None:
-                results[call.call_id] = ToolResult(
-                    call_id=call.call_id,
-                    name=call.name,
-                    output=f"no tool named {call.name!r}",
-                    is_error=True,
-                )
-                return
-            try:
-                value = await tool(call.args)
-            except Exception as exc:
-                results[call.call_id] = ToolResult(
-                    call_id=call.call_id,
-                    name=call.name,
-                    output=f"{type(exc).__name__}: {exc}",
-                    is_error=True,
-                )
-                return
-            if isinstance(value, ToolResult):
-                results[call.call_id] = attrs.evolve(value, call_id=call.call_id, name=call.name)
-            else:
-                results[call.call_id] = ToolResult(
-                    call_id=call.call_id, name=call.name, output=value
-                )
-
-        async with anyio.create_task_group() as tg:
-            for call in effect.calls:
-                tg.start_soon(one, call)
-        return ToolsFinished(
-            effect_id=effect.effect_id, results=[results[c.call_id] for c in effect.calls]
-        )
-
-    async def _commit(
-        self,
-        handle: Any,
-        lease: SessionLease,
-        head_revision: int,
-        history_length: int,
-        done: Done,
-        machine: TurnMachine,
-        claims: list[QueuedWorkClaim],
-    ) -> None:
-        new = done.messages[history_length:]
-        parent = None if history_length == 0 else done.messages[history_length - 1].message_id
-        nodes = []
-        for message in new:
-            nodes.append(
-                SessionNode(
-                    node_id=message.message_id,
-                    parent_node_id=parent,
-                    payload=message_to_payload(message),
-                )
-            )
-            parent = message.message_id
-        commit = RuntimeCommit(
-            session_id=self.session_id,
-            expected_head_revision=head_revision,
-            graph=GraphAppend(nodes=nodes),
-            checkpoint=Checkpoint(
-                turn_state={
-                    "turn_id": machine.state.turn_id,
-                    "outcome": attrs.asdict(done.outcome),
-                    "iteration": done.iteration,
-                }
-            ),
-            usage=[UsageEntry(source="turn", model="model", usage=machine.state.usage)],
-            completed_claims=[c.completion() for c in claims],
-        )
-        stamp = TurnCommitStamp(
-            session_id=self.session_id,
-            turn_id=machine.state.turn_id,
-            turn_commit_hash=turn_commit_hash(commit),
-        )
-        final = attrs.evolve(commit, lease=lease.fence(), turn_commit=stamp)
-        with anyio.CancelScope(shield=True):
-            await handle.commit(final)
-
-
-def _inputs(claim: QueuedWorkClaim) -> list[Message]:
-    messages = []
-    for batch in claim.batches:
-        for item in batch.items:
-            payload: Any = item.payload
-            role = payload.get("role", "user") if isinstance(payload, dict) else "user"
-            text = payload.get("text", "") if isinstance(payload, dict) else str(payload)
-            messages.append(Message(message_id=item.item_id, role=role, text=str(text)))
-    return messages
+        if not isinstance(value, ToolResult):
+            value = ToolResult(call_id=call.call_id, name=call.name, output=value)
+        return ToolFinished(command_id=command.command_id, result=value)
 
 
 @contextlib.asynccontextmanager
@@ -632,37 +703,58 @@ async def open_runtime(
     owner_id: str | None = None,
     lease_ttl_ms: int = 15_000,
     max_turns: int = 8,
+    max_failures: int = 3,
     shutdown: Literal["cancel", "finish"] = "cancel",
+    shutdown_grace: float = 5.0,
     resume: bool = True,
+    event_history: int = 10_000,
 ) -> AsyncIterator[Runtime]:
     """Run agent sessions on ``store`` for the duration of the block.
 
     ``model`` is an async callable ``ModelRequest -> ModelResponse`` (an exception becomes a
-    provider error in the turn); ``tools`` maps names to async callables taking the call's
-    arguments. ``owner_id`` names this runtime in leases (default: random). On exit,
-    ``shutdown="cancel"`` cancels running turns (their work returns to the queue, for this or
-    another runtime) and ``"finish"`` waits for every session to run out of work. With
-    ``resume`` (default), sessions left with ready work (e.g. by a crash) are woken at start.
+    provider error in the turn, a reply that is not a well-formed ``ModelResponse`` an
+    ``invalid_model_response`` outcome); ``tools`` maps names to async callables taking the
+    call's arguments and returning plain JSON (an exception is reported to the model as an
+    error result; a value that is not JSON ends the turn ``invalid_tool_result``). ``owner_id``
+    names this runtime in leases (default: random); ``max_failures`` is how many failed turns
+    park a message. On exit, ``shutdown="cancel"`` cancels running turns (their work returns to
+    the queue, for this or another runtime) and ``"finish"`` waits for every session to run
+    out of work; either way leases are released within ``shutdown_grace`` seconds. With
+    ``resume`` (default), sessions left with ready work (by a crash, say) are woken at start;
+    ``event_history`` events are kept for subscribers that replay from a cursor.
 
     Raises:
         InvalidArgument: a bad option.
+        StoreClosedError: the store is closed.
     """
-    if type(lease_ttl_ms) is not int or lease_ttl_ms < 30:
-        raise InvalidArgument(f"lease_ttl_ms must be an int >= 30, got {lease_ttl_ms!r}")
     if shutdown not in ("cancel", "finish"):
         raise InvalidArgument(f"shutdown must be 'cancel' or 'finish', got {shutdown!r}")
+    check_int64("event_history", event_history, minimum=1)
+    if not isinstance(shutdown_grace, int | float) or not 0 <= shutdown_grace < math.inf:
+        raise InvalidArgument(f"shutdown_grace must be >= 0 seconds, got {shutdown_grace!r}")
+    tools = dict(tools or {})
+    config = DriverConfig(
+        owner_id=owner_id or f"runtime-{secrets.token_hex(6)}",
+        lease_ttl_ms=lease_ttl_ms,
+        max_turns=max_turns,
+        tools=sorted(tools),
+        max_failures=max_failures,
+    )
+    # Before the task group: a closed store fails here, as itself (not in an ExceptionGroup).
+    ready = await store.sessions.list_sessions_with_queued_work()
     async with anyio.create_task_group() as tg:
         runtime = Runtime(
             store,
             model=model,
-            tools=tools or {},
+            tools=tools,
             task_group=tg,
-            owner_id=owner_id or f"runtime-{secrets.token_hex(6)}",
-            lease_ttl_ms=lease_ttl_ms,
-            max_turns=max_turns,
+            config=config,
+            event_history=event_history,
+            shutdown_grace=float(shutdown_grace),
         )
         if resume:
-            await runtime.resume()
+            for session_id in ready:
+                runtime._wake(session_id)
         try:
             yield runtime
             if shutdown == "finish":

@@ -25,6 +25,7 @@ from turnbuckle.errors import (
     CorruptRecordError,
     InvalidArgument,
     QueuedWorkClaimExpired,
+    QueuedWorkSourceKeyConflict,
     SessionExecutionLeaseExpired,
     UnsupportedReadScope,
 )
@@ -50,6 +51,8 @@ from turnbuckle.sansio.queue import (
     QueuedWorkClaim,
     QueuedWorkDraft,
     QueuedWorkStatus,
+    SubmitStatus,
+    Ticket,
     abandon_rows,
     check_batch_ids,
     claim_rows,
@@ -352,20 +355,48 @@ class SessionFacet:
                 names the original batch, which is kept).
             InvalidArgument, PayloadNotSerializable, PayloadTooLarge: a bad draft.
         """
+        batch, status = await self._enqueue(draft)
+        if status is SubmitStatus.CONFLICT:
+            assert batch.source_key is not None
+            raise QueuedWorkSourceKeyConflict(batch.session_id, batch.source_key, batch.batch_id)
+        return batch
+
+    async def submit(self, draft: QueuedWorkDraft) -> Ticket:
+        """Durably enqueue a batch, or find the one its source key names, and say which: a
+        source key seen before in the session (queued, parked or already delivered) returns
+        the original's ticket, with the same content (``DUPLICATE``) or other content
+        (``CONFLICT``), and enqueues nothing.
+
+        Raises:
+            InvalidArgument, PayloadNotSerializable, PayloadTooLarge: a bad draft.
+        """
+        batch, status = await self._enqueue(draft)
+        return Ticket(
+            session_id=batch.session_id,
+            batch_id=batch.batch_id,
+            source_key=batch.source_key,
+            status=status,
+        )
+
+    async def _enqueue(self, draft: QueuedWorkDraft) -> tuple[QueuedWorkBatch, SubmitStatus]:
         now, ids, limit = self._clock.now_ms(), self._ids, self._limit
         probe = new_batch_row(draft, enqueue_seq=0, now_ms=now, ids=ids, limit=limit)
 
-        def op(table: SessionTable) -> QueuedWorkBatch:
+        def op(table: SessionTable) -> tuple[QueuedWorkBatch, SubmitStatus]:
             if probe.source_key is not None:
                 existing = table.batch_by_source(probe.session_id, probe.source_key)
                 if existing is None:
                     delivered = table.delivery_by_source(probe.session_id, probe.source_key)
                     existing = None if delivered is None else delivered.row
                 if existing is not None:
-                    return _batch(same_work(existing, probe))
+                    try:
+                        same_work(existing, probe)
+                    except QueuedWorkSourceKeyConflict:
+                        return _batch(existing), SubmitStatus.CONFLICT
+                    return _batch(existing), SubmitStatus.DUPLICATE
             row = attrs.evolve(probe, enqueue_seq=table.next_enqueue_seq())
             table.insert_batch(row)
-            return _batch(row)
+            return _batch(row), SubmitStatus.NEW
 
         return await self._run(op, writes=True)
 

@@ -44,6 +44,10 @@ class Store:
             (:class:`~turnbuckle.adapters.executions.ExecutionFacet`).
         backend_name: ``"in-memory"`` or ``"sqlite"``.
         url: the URL it was opened with.
+        clock: where the store reads the time. A runtime or a worker on the store times its
+            leases and retries by the same clock, so one clock drives everything (a fake one
+            runs a whole runtime in simulated time).
+        ids: where the store (and a runtime on it) draws randomness.
     """
 
     def __init__(
@@ -54,8 +58,12 @@ class Store:
         sessions: SessionFacet,
         executions: ExecutionFacet,
         closer: Callable[[], Awaitable[None]],
+        clock: Clock,
+        ids: IdSource,
     ) -> None:
         self.url = url
+        self.clock = clock
+        self.ids = ids
         self.tasks = tasks
         self.sessions = sessions
         self.executions = executions
@@ -147,6 +155,8 @@ async def open_store(
             runner, backend_name=backend, clock=clock, ids=ids, max_payload_bytes=max_payload_bytes
         ),
         closer=runner.aclose,
+        clock=clock,
+        ids=ids,
     )
     try:
         yield store

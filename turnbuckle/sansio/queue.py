@@ -87,6 +87,8 @@ __all__ = [
     "QueuedWorkItem",
     "QueuedWorkStatus",
     "SlotPolicy",
+    "SubmitStatus",
+    "Ticket",
     "WorkState",
     "abandon_rows",
     "check_batch_ids",
@@ -248,6 +250,30 @@ class QueuedWorkClaim:
             lease_token=self.lease_token,
             batch_ids=tuple(b.batch_id for b in self.batches),
         )
+
+
+class SubmitStatus(enum.Enum):
+    """What a submit did."""
+
+    #: Enqueued now.
+    NEW = "new"
+    #: The source key was submitted before with the same content: nothing was enqueued, the
+    #: ticket is the original's (queued, parked or already answered).
+    DUPLICATE = "duplicate"
+    #: The source key was submitted before with *other* content: nothing was enqueued, the
+    #: ticket is the original's.
+    CONFLICT = "conflict"
+
+
+@attrs.frozen(kw_only=True)
+class Ticket:
+    """The receipt of a submitted message: what to ask for its answer with, from any process,
+    for as long as the session's history is kept."""
+
+    session_id: str
+    batch_id: str
+    source_key: str | None = None
+    status: SubmitStatus = SubmitStatus.NEW
 
 
 class WorkState(enum.Enum):

@@ -2,14 +2,15 @@
 
 - :mod:`turnbuckle.testing.conformance`: plain async functions that take a store factory and
   check every behaviour a store must have; run them against your own adapter.
-- :class:`FakeClock` and :class:`SeededIds`: inject time and randomness, so a test or a
-  simulation replays exactly.
+- :class:`FakeClock`, :class:`LoopClock` and :class:`SeededIds`: inject time and randomness, so a
+  test or a simulation replays exactly, or runs a whole runtime in virtual time.
 - :class:`ScriptedModel` (with the steps :func:`say`, :func:`call`, :func:`calls`,
   :class:`Fail`, :class:`Stall`, :class:`Delay`) and :class:`RecordingTool`: a model and tools
   that answer from a script and record what the agent asked, under trio or asyncio.
 """
 
 from turnbuckle.testing.fakes import FakeClock as FakeClock
+from turnbuckle.testing.fakes import LoopClock as LoopClock
 from turnbuckle.testing.fakes import SeededIds as SeededIds
 from turnbuckle.testing.model import Delay as Delay
 from turnbuckle.testing.model import Fail as Fail
@@ -27,6 +28,7 @@ __all__ = [
     "Delay",
     "Fail",
     "FakeClock",
+    "LoopClock",
     "ModelCallError",
     "RecordingTool",
     "ScriptExhausted",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 
+import anyio
+
 from turnbuckle.errors import InvalidArgument
 
-__all__ = ["FakeClock", "SeededIds"]
+__all__ = ["FakeClock", "LoopClock", "SeededIds"]
 
 
 class FakeClock:
@@ -32,6 +34,20 @@ class FakeClock:
     def set(self, now_ms: int) -> None:
         """Jump to ``now_ms``, backwards included, e.g. to model a stepped wall clock."""
         self._now = now_ms
+
+
+class LoopClock:
+    """The event loop's own clock, as milliseconds since the epoch: pass it as
+    ``open_store(..., clock=LoopClock())`` and the store, and every runtime and worker on it,
+    keep time by the loop. Under trio's ``MockClock`` (``autojump_threshold=0``) a whole runtime
+    (leases running out, retries, delayed work) then runs in virtual time, with no real sleep."""
+
+    def __init__(self, epoch_ms: int = 1_748_736_000_000) -> None:  # 2025-06-01T00:00:00Z
+        self._epoch = epoch_ms
+
+    def now_ms(self) -> int:
+        """The loop's time in milliseconds, counted from ``epoch_ms``. Call it on the loop."""
+        return self._epoch + int(anyio.current_time() * 1000)
 
 
 class SeededIds:
