@@ -30,6 +30,14 @@ loop except to schedule "your reply is ready" on it. That gives:
   probe (so a read-only file fails at open, not at the first write), WAL switched on after the
   schema commit with a bounded retry, and ``PRAGMA quick_check`` (on by default).
 
+Process and file safety:
+
+- **A handle belongs to the process that opened it.** In a child made by ``fork`` the owner
+  thread does not exist, and the inherited connection must never be used or closed there (its
+  locks belong to the parent). The runner records its pid when it starts; in any other process
+  every call raises ``StoreUsedInForkedChild`` at once and ``aclose()`` returns at once, touching
+  nothing. The child opens the store again.
+
 Durability: ``"full"`` (default) is ``synchronous=FULL``: an acknowledged write survives a
 process crash and an OS crash or power loss on storage that honours fsync. ``"process"`` is
 ``synchronous=NORMAL``: it survives a process crash; the last writes may roll back on power
@@ -66,6 +74,7 @@ from turnbuckle.errors import (
     StoreInternalError,
     StoreOpenError,
     StoreReadOnlyError,
+    StoreUsedInForkedChild,
     TurnbuckleError,
     UnsupportedSchemaVersion,
 )
@@ -1078,6 +1087,9 @@ class SqliteRunner:
         self._lock = threading.Lock()
         self._closed = True
         self._stopped: _Request | None = None
+        #: The process that started the owner thread; in any other (a forked child) the thread
+        #: does not exist and the connection must not be touched.
+        self._pid: int | None = None
 
     async def start(self) -> None:
         """Open the file on a new owner thread.
@@ -1095,6 +1107,7 @@ class SqliteRunner:
             name=f"turnbuckle-sqlite:{os.path.basename(self.path)}",
         )
         self._closed = False
+        self._pid = os.getpid()
         thread.start()
         try:
             await opened.reply.wait(shield=True)
@@ -1106,9 +1119,16 @@ class SqliteRunner:
         """Run ``fn(table)`` atomically on the owner thread and return its result.
 
         Raises:
+            StoreUsedInForkedChild: called in a child process forked from the one that opened
+                the store.
             StoreClosedError: the store was closed.
             whatever ``fn`` raises, or the store error the database gave.
         """
+        # First, and before taking the lock (another thread may have held it at the fork):
+        # in a forked child no owner thread would ever answer, so the call would hang.
+        forked = self._forked()
+        if forked is not None:
+            raise forked
         # A caller already cancelled starts nothing (as on the memory store): it is told
         # "cancelled" truthfully, and never leaves behind a write it will not see the result of.
         await anyio.lowlevel.checkpoint_if_cancelled()
@@ -1121,7 +1141,12 @@ class SqliteRunner:
         return await request.reply.wait(shield=writes)  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
-        """Finish every queued request, checkpoint, and close the connection. Idempotent."""
+        """Finish every queued request, checkpoint, and close the connection. Idempotent.
+
+        In a forked child it returns at once: the connection and its thread are the parent's.
+        """
+        if self._forked() is not None:
+            return
         with self._lock:
             already = self._closed
             self._closed = True
@@ -1130,6 +1155,12 @@ class SqliteRunner:
         stopped = self._stopped
         if stopped is not None:
             await stopped.reply.wait(shield=True)
+
+    def _forked(self) -> StoreUsedInForkedChild | None:
+        pid = os.getpid()
+        if self._pid is None or pid == self._pid:
+            return None
+        return StoreUsedInForkedChild("sqlite", self._pid, pid)
 
     # --- the owner thread ---
 
