@@ -37,6 +37,16 @@ Process and file safety:
   locks belong to the parent). The runner records its pid when it starts; in any other process
   every call raises ``StoreUsedInForkedChild`` at once and ``aclose()`` returns at once, touching
   nothing. The child opens the store again.
+- **A write is acknowledged only if it landed in the file at the path.** A file deleted or
+  replaced while open (unlinked, renamed away, another file renamed or copied over it) would
+  go on taking this connection's commits, which nobody opening the path would ever see. The
+  open records the file's (st_dev, st_ino) and has SQLite confirm it is the file it opened; the
+  owner thread stats the path before each BEGIN and again after each COMMIT, before replying.
+  Once they differ, that batch and every later call raise ``StoreFileReplaced``, and the
+  connection is retired writing nothing at the path: its WAL is checkpointed through its own
+  descriptor into the file that left (which then holds every write acknowledged before) and
+  emptied, and it closes without the checkpoint-on-close that would delete the -wal and -shm by
+  name.
 
 Durability: ``"full"`` (default) is ``synchronous=FULL``: an acknowledged write survives a
 process crash and an OS crash or power loss on storage that honours fsync. ``"process"`` is
@@ -48,6 +58,7 @@ network filesystem, and all processes using a file must be on one host.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import queue
@@ -71,6 +82,7 @@ from turnbuckle.errors import (
     StoreBusyError,
     StoreClosedError,
     StoreCorruptError,
+    StoreFileReplaced,
     StoreInternalError,
     StoreOpenError,
     StoreReadOnlyError,
@@ -948,9 +960,15 @@ def map_error(exc: BaseException, path: str, busy_timeout_s: float) -> Turnbuckl
 # --- opening ---------------------------------------------------------------------------------
 
 
+#: (st_dev, st_ino): which file a path named when the store opened it.
+FileId = tuple[int, int]
+
+
 def _open_connection(
     path: str, *, durability: Durability, busy_timeout_s: float, verify: bool
-) -> apsw.Connection:
+) -> tuple[apsw.Connection, FileId]:
+    """Open, check (or create) and set up the store's connection; also return the identity of
+    the file it has open."""
     folder = os.path.dirname(path) or "."
     if os.path.isdir(path):
         raise StoreOpenError(path, "the path is a folder")
@@ -977,17 +995,40 @@ def _open_connection(
             raise
         _switch_to_wal(conn, path)
         conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
+        file_id = _opened_file_id(conn, path)
     except BaseException:
         # The last connection to close checkpoints the WAL into the main file and deletes it.
         # For a refused file with a -wal we found there, that would write to it: with another
         # database's -wal beside ours, it would turn our file into that database. So close
         # without checkpointing and leave both as found; a -wal we made ourselves is empty,
         # and closing normally removes it again.
-        if wal_was_there:
+        # A file replaced during the open is left alone for the same reason: the -wal at the
+        # path may now be another file's.
+        if wal_was_there or _has_moved(conn):
             conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         conn.close()
         raise
-    return conn
+    return conn, file_id
+
+
+def _has_moved(conn: apsw.Connection) -> bool:
+    """SQLite's own answer: does the path still name the file its descriptor has open?"""
+    moved = ctypes.c_int(0)
+    understood = conn.file_control("main", apsw.SQLITE_FCNTL_HAS_MOVED, ctypes.addressof(moved))
+    return bool(understood and moved.value)
+
+
+def _opened_file_id(conn: apsw.Connection, path: str) -> FileId:
+    try:
+        found = os.stat(path)
+    except OSError as exc:
+        raise StoreOpenError(path, f"the file went away while it was being opened: {exc}") from exc
+    # Asked after our stat, SQLite (which compares the path with the descriptor it opened)
+    # proves the stat saw that same file: a swap before our stat shows to both, one after it
+    # to neither.
+    if _has_moved(conn):
+        raise StoreOpenError(path, "another file was put at the path while it was being opened")
+    return found.st_dev, found.st_ino
 
 
 def _scalar(conn: apsw.Connection, sql: str) -> Any:
@@ -1048,6 +1089,24 @@ def _switch_to_wal(conn: apsw.Connection, path: str) -> None:
         return
 
 
+def _close_replaced(conn: apsw.Connection) -> None:
+    """Close the connection of a file that is no longer at its path, writing nothing there.
+
+    First its WAL is checkpointed into the file the connection has open, the one that left the
+    path (SQLite writes through the descriptor it opened, never by name), so that file holds
+    every write acknowledged before; and the WAL is emptied, so a later opener of the path does
+    not replay these pages onto the file that is there now. Then it closes without the
+    checkpoint-on-close, which would also delete the -wal and -shm by name: those names may
+    belong to the new file now. The checkpoint may find another connection reading (it then
+    does what it can); nothing here may raise, the handle is closing either way.
+    """
+    with contextlib.suppress(apsw.Error):
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+    with contextlib.suppress(apsw.Error):
+        conn.close()
+
+
 # --- the adapter actor -----------------------------------------------------------------------
 
 _STOP: Final = object()
@@ -1090,6 +1149,10 @@ class SqliteRunner:
         #: The process that started the owner thread; in any other (a forked child) the thread
         #: does not exist and the connection must not be touched.
         self._pid: int | None = None
+        #: Set by the owner thread when the file at the path is no longer the one it opened;
+        #: from then on every call is refused with it.
+        self._replaced: StoreFileReplaced | None = None
+        self._file_id: FileId = (0, 0)
 
     async def start(self) -> None:
         """Open the file on a new owner thread.
@@ -1121,6 +1184,8 @@ class SqliteRunner:
         Raises:
             StoreUsedInForkedChild: called in a child process forked from the one that opened
                 the store.
+            StoreFileReplaced: the file at the path is no longer the one this handle opened
+                (now, or at any earlier call); the handle has closed itself.
             StoreClosedError: the store was closed.
             whatever ``fn`` raises, or the store error the database gave.
         """
@@ -1134,6 +1199,8 @@ class SqliteRunner:
         await anyio.lowlevel.checkpoint_if_cancelled()
         request = _Request(fn, writes)
         with self._lock:
+            if self._replaced is not None:
+                raise StoreFileReplaced(self.path, self._replaced.reason)
             if self._closed:
                 raise StoreClosedError("sqlite")
             self._queue.put(request)
@@ -1166,7 +1233,7 @@ class SqliteRunner:
 
     def _main(self, opened: _Request) -> None:
         try:
-            conn = _open_connection(
+            conn, self._file_id = _open_connection(
                 self.path,
                 durability=self._durability,
                 busy_timeout_s=self._busy_s,
@@ -1194,6 +1261,8 @@ class SqliteRunner:
                         break
                     batch.append(item)
                 self._serve(conn, table, batch)
+                if self._replaced is not None:
+                    break
         finally:
             self._shut(conn)
 
@@ -1207,8 +1276,10 @@ class SqliteRunner:
             except queue.Empty:
                 break
             if item is not _STOP:
-                item.reply.fail(StoreClosedError("sqlite"))
-        if conn is not None:
+                item.reply.fail(self._closed_error())
+        if conn is not None and self._replaced is not None:
+            _close_replaced(conn)
+        elif conn is not None:
             # Fails only while another connection is busy with the WAL; it will checkpoint.
             with contextlib.suppress(apsw.Error):
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -1216,7 +1287,46 @@ class SqliteRunner:
         if self._stopped is not None:
             self._stopped.reply.send(None)
 
+    def _closed_error(self) -> StoreClosedError:
+        if self._replaced is not None:
+            return StoreFileReplaced(self.path, self._replaced.reason)
+        return StoreClosedError("sqlite")
+
+    def _refuse(self, batch: list[_Request]) -> None:
+        for request in batch:
+            request.reply.fail(self._closed_error())
+
+    def _file_still_ours(self) -> bool:
+        """Whether the path still names the file this connection has open; if not, the handle
+        is marked replaced (for good).
+
+        A stat costs a few microseconds. A file that left the path (deleted, renamed away,
+        another file renamed or copied over it) still takes this connection's writes, and a
+        commit there would be acknowledged and then lost to everyone who opens the path.
+        """
+        try:
+            found = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            reason = "it was deleted or renamed away"
+        except OSError as exc:
+            # Unable to tell which file is there, the handle cannot promise its writes land in
+            # the store at the path.
+            reason = f"the path can no longer be checked: {exc.strerror or exc}"
+        else:
+            if (found.st_dev, found.st_ino) == self._file_id:
+                return True
+            reason = (
+                f"another file is at the path now (device {found.st_dev}, inode {found.st_ino};"
+                f" the store opened device {self._file_id[0]}, inode {self._file_id[1]})"
+            )
+        with self._lock:
+            self._replaced = StoreFileReplaced(self.path, reason)
+        return False
+
     def _serve(self, conn: apsw.Connection, table: SqliteTables, batch: list[_Request]) -> None:
+        if self._replaced is not None or not self._file_still_ours():
+            self._refuse(batch)
+            return
         try:
             outcomes = self._transaction(conn, table, batch)
         except _BeginFailed as failed:
@@ -1232,6 +1342,12 @@ class SqliteRunner:
                     self._serve(conn, table, [request])
                 return
             outcomes = [(False, map_error(exc, self.path, self._busy_s))]
+        else:
+            # Committed; but if the file left the path meanwhile, the commit went to a file
+            # that is no longer the store. Its callers are told so, never "done".
+            if not self._file_still_ours():
+                self._refuse(batch)
+                return
         for request, (ok, value) in zip(batch, outcomes, strict=True):
             if ok:
                 request.reply.send(value)
