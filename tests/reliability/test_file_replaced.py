@@ -20,10 +20,12 @@ from typing import Any
 import pytest
 
 import turnbuckle
+import turnbuckle.adapters.sqlite as sqlite_adapter
 from turnbuckle import (
     ExecutionNotFound,
     StoreClosedError,
     StoreFileReplaced,
+    StoreOpenError,
     TaskRecord,
     TaskStatus,
 )
@@ -191,3 +193,32 @@ async def test_an_unchanged_file_is_served_as_before(tmp_path: Path) -> None:
         assert await store.tasks.task_count() == 11
         with pytest.raises(ExecutionNotFound):
             await store.executions.describe("nope")
+
+
+async def test_a_file_replaced_while_it_opens_is_refused_at_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another database is renamed over the file between SQLite's open and the recording of its
+    identity: SQLite's own check (its descriptor against the path) refuses the open, and
+    neither file is written."""
+    path = tmp_path / "store.db"
+    keep = tmp_path / "kept-link.db"
+    async with turnbuckle.open_store(store_url(path)) as store:
+        acked = await write_some(store, "a", 5)
+    await make_other_store(tmp_path / "other.db")
+    other_digest = digest(tmp_path / "other.db")
+    switch = sqlite_adapter._switch_to_wal
+
+    def switch_then_swap(conn: Any, at: str) -> None:
+        switch(conn, at)
+        os.link(path, keep)
+        os.replace(tmp_path / "other.db", path)
+
+    monkeypatch.setattr(sqlite_adapter, "_switch_to_wal", switch_then_swap)
+    with pytest.raises(StoreOpenError) as caught:
+        async with turnbuckle.open_store(store_url(path)):
+            pass
+    assert "another file was put at the path" in caught.value.reason
+    monkeypatch.undo()
+    assert digest(path) == other_digest
+    assert set(await read_all(keep)) == acked

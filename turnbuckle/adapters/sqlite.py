@@ -1020,9 +1020,13 @@ def _open_connection(
         # database's -wal beside ours, it would turn our file into that database. So close
         # without checkpointing and leave both as found; a -wal we made ourselves is empty,
         # and closing normally removes it again.
-        # A file replaced during the open is left alone for the same reason: the -wal at the
-        # path may now be another file's.
-        if wal_was_there or _has_moved(conn):
+        # A file replaced during the open (or one we cannot tell about) is left alone for the
+        # same reason: the -wal at the path may now be another file's.
+        try:
+            leave_alone = wal_was_there or _has_moved(conn)
+        except apsw.Error:
+            leave_alone = True
+        if leave_alone:
             conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         conn.close()
         raise
