@@ -44,9 +44,11 @@ __all__ = [
     "StoreClosedError",
     "StoreCorruptError",
     "StoreError",
+    "StoreFileReplaced",
     "StoreInternalError",
     "StoreOpenError",
     "StoreReadOnlyError",
+    "StoreUsedInForkedChild",
     "TaskAlreadyExists",
     "TaskError",
     "TaskNotFound",
@@ -440,9 +442,49 @@ class CorruptRecordError(StoreError):
 class StoreClosedError(StoreError):
     """The store handle was closed; open a new one."""
 
-    _fields = ("backend",)
+    _fields: ClassVar[tuple[str, ...]] = ("backend",)
     _template = "the {backend} store is closed"
     backend: str
+
+
+class StoreUsedInForkedChild(StoreClosedError):
+    """The store was opened in another process, and this process is a child forked from it.
+
+    A handle does not survive ``fork``: the SQLite store's owner thread does not exist in the
+    child (and its connection must never be used there), and a memory store's copy would
+    silently diverge from the parent's. Every call raises this at once; ``aclose()`` in the
+    child returns at once and leaves the parent's store alone. Open the store again in the
+    child.
+    """
+
+    _fields = ("backend", "opened_pid", "pid")
+    _template = (
+        "the {backend} store was opened in process {opened_pid} and cannot be used in process"
+        " {pid}, a child forked from it: open the store again in the child"
+    )
+    backend: str
+    opened_pid: int
+    pid: int
+
+
+class StoreFileReplaced(StoreClosedError):
+    """The SQLite file this handle opened is no longer the one at its path: it was deleted,
+    renamed away, or another file (a copy, another database) was put in its place.
+
+    The handle closed itself when it saw it, and refuses every later call with this error; no
+    write was ever acknowledged into the file that left the path. A write that failed with it
+    was not applied to whatever file is at the path now (it may have reached the file that was
+    moved away). Find out which file should be the store, then open it again.
+    """
+
+    _fields = ("path", "reason")
+    _template = (
+        "store {path!r} is no longer the file this handle opened ({reason}); the handle is"
+        " closed: check which file should be the store, then open it again"
+    )
+    backend = "sqlite"
+    path: str
+    reason: str
 
 
 class StoreInternalError(StoreError):

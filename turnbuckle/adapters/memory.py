@@ -6,12 +6,14 @@ without awaiting, so on one event loop each is atomic; an operation that raises 
 from its undo log, so it is all or nothing like a rolled-back transaction.
 
 A memory store belongs to the event loop thread that uses it; it is not shared across threads or
-processes, and its contents end with it.
+processes, and its contents end with it. In a child process made by ``fork`` its copy is refused
+(``StoreUsedInForkedChild``), as the SQLite store's is, rather than silently diverging.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -20,7 +22,12 @@ import anyio.lowlevel
 import attrs
 
 from turnbuckle.adapters.executions import ExecutionEvent, Frame
-from turnbuckle.errors import StoreClosedError, StoreInternalError, TurnbuckleError
+from turnbuckle.errors import (
+    StoreClosedError,
+    StoreInternalError,
+    StoreUsedInForkedChild,
+    TurnbuckleError,
+)
 from turnbuckle.sansio.execution import ExecutionRow
 from turnbuckle.sansio.lease import LeaseRow
 from turnbuckle.sansio.queue import DeliveryRow, QueuedBatchRow
@@ -484,12 +491,29 @@ class MemoryRunner:
     def __init__(self, table: MemoryTables) -> None:
         self.table = table
         self.closed = False
+        # A child made by fork gets a copy of the tables that would silently diverge from the
+        # parent's: it is refused, as on the SQLite store.
+        self._pid = os.getpid()
 
     async def aclose(self) -> None:
-        """Refuse every later operation (the contents go with the store)."""
+        """Refuse every later operation (the contents go with the store). In a forked child it
+        returns at once and changes nothing."""
+        if os.getpid() != self._pid:
+            return
         self.closed = True
 
     async def run(self, fn: Callable[[Any], T], *, writes: bool) -> T:
+        """Run ``fn(table)`` all or nothing and return its result.
+
+        Raises:
+            StoreUsedInForkedChild: called in a child process forked from the one that made
+                the store.
+            StoreClosedError: the store was closed.
+            whatever ``fn`` raises (a ``TurnbuckleError``), or StoreInternalError for any
+            other exception, after undoing its writes.
+        """
+        if os.getpid() != self._pid:
+            raise StoreUsedInForkedChild("memory", self._pid, os.getpid())
         # A checkpoint per operation keeps the memory store as interleavable (and cancellable)
         # as a real one, so concurrency tests exercise the same orderings on both.
         await anyio.lowlevel.checkpoint()

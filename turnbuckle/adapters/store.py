@@ -72,7 +72,8 @@ class Store:
 
     async def aclose(self) -> None:
         """Finish what is in flight and close. Later calls raise ``StoreClosedError``; closing
-        twice is a no-op."""
+        twice is a no-op. In a child process made by ``fork`` (where every call raises
+        ``StoreUsedInForkedChild``) it returns at once and leaves the parent's store open."""
         await self._closer()
 
     async def __aenter__(self) -> Store:
