@@ -116,6 +116,39 @@ async def test_a_lock_held_past_the_timeout_is_store_busy_then_recovers(tmp_path
         assert done.status is TaskStatus.COMPLETED
 
 
+async def test_a_read_queued_with_a_write_is_not_held_up_by_another_writer(
+    tmp_path: Path,
+) -> None:
+    """A read and a write queued together, while another process holds the write lock: the
+    write waits out the busy timeout and fails busy; the read, served in a read transaction of
+    its own (WAL readers never wait for writers), answers."""
+    path = tmp_path / "mixed.db"
+    async with turnbuckle.open_store(f"sqlite:///{path}", busy_timeout=0.2) as store:
+        await store.tasks.create_task(TaskRecord(task_id="t", original_method="m"))
+        other = apsw.Connection(str(path))
+        other.execute("BEGIN IMMEDIATE")
+        results: dict[str, Any] = {}
+
+        async def write() -> None:
+            try:
+                await store.tasks.update_task_status("t", TaskStatus.COMPLETED)
+            except StoreBusyError as exc:
+                results["write"] = exc
+
+        async def read() -> None:
+            results["read"] = await store.tasks.get_task("t")
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(write)
+                tg.start_soon(read)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert isinstance(results["write"], StoreBusyError)
+        assert results["read"] is not None and results["read"].status is TaskStatus.WORKING
+
+
 @pytest.mark.parametrize("url", ["memory://", "sqlite"])
 async def test_a_bug_mid_operation_rolls_back_and_the_store_goes_on(
     tmp_path: Path, url: str

@@ -10,12 +10,13 @@ loop except to schedule "your reply is ready" on it. That gives:
 
 - **One hop per operation.** A request is one whole operation (read, decide, write), run as one
   call on the owner thread; no transaction is ever held open across an ``await``.
-- **Group commit.** On each wake-up the thread takes every request already queued and runs them
-  in one ``BEGIN IMMEDIATE`` transaction, each in its own savepoint, and replies only after
-  COMMIT. Many concurrent callers share one fsync. A request whose operation raises a typed error
-  is rolled back to its savepoint alone; if the database itself fails (disk full, I/O) part-way,
-  the batch is rolled back and each request retried alone, so every caller gets its own truthful
-  answer.
+- **Group commit.** On each wake-up the thread takes every request already queued and runs the
+  writes in one ``BEGIN IMMEDIATE`` transaction, each in its own savepoint, and replies only after
+  COMMIT (the reads among them first, in a read transaction, so another process's write lock
+  never holds them up). Many concurrent callers share one fsync. A request whose operation
+  raises a typed error is rolled back to its savepoint alone; if the database itself fails
+  (disk full, I/O) part-way, the batch is rolled back and each request retried alone, so every
+  caller gets its own truthful answer.
 - **Serialized writers across processes.** Every transaction that may write starts with
   ``BEGIN IMMEDIATE``, so a read-then-write never races another connection, and every write is
   also guarded by the row version it read (checked by the changed-row count).
@@ -1393,7 +1394,19 @@ class SqliteRunner:
                         stop = True
                         break
                     batch.append(item)
-                self._serve(conn, table, batch)
+                # Reads go first, in a read transaction of their own: in WAL a reader never
+                # waits for a writer, but a read grouped into a BEGIN IMMEDIATE would wait out
+                # another process's write lock with the writes (and fail busy with them).
+                # Concurrent requests may be served in either order.
+                reads = [request for request in batch if not request.writes]
+                writes = [request for request in batch if request.writes]
+                for group in (reads, writes):
+                    if not group:
+                        continue
+                    if self._replaced is None:
+                        self._serve(conn, table, group)
+                    else:
+                        self._refuse(group)  # the file left before their turn
                 if self._replaced is not None:
                     break
         finally:
