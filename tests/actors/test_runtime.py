@@ -47,6 +47,7 @@ from turnbuckle import (
     TokenUsage,
     ToolCall,
     TurnOutcome,
+    WorkState,
     open_runtime,
     open_store,
 )
@@ -768,6 +769,52 @@ async def test_a_dead_runtime_s_claim_is_void_once_its_lease_ends(
             assert status.delivered_at_ms < claim.expires_at_ms
         read = await load(store, "s")
         assert graph(read) == [("user", "m1"), ("assistant", "answered")]
+
+
+async def test_work_nobody_told_the_runtime_about_is_found_by_its_sweep(
+    url: str, clock: trio.testing.MockClock
+) -> None:
+    """A message enqueued behind the runtime's back (by another process, here the store API
+    itself), and a runtime that died holding a session: a running runtime finds both on its
+    next sweep and answers them, without a restart or a submit of its own."""
+    async with store_on(url) as store:
+        sessions = store.sessions
+        dead = await sessions.try_claim_lease("left", "dead", 3_000)
+        assert dead is not None
+        left = await sessions.submit(user_draft("left", "left by the dead"))
+        async with open_runtime(
+            store, model=ScriptedModel(then="found it"), lease_ttl_ms=3_000, sweep_interval=5.0
+        ) as runtime:
+            elsewhere = await sessions.submit(user_draft("other", "from another process"))
+            # Watched through the store only (outcome() would wake the session itself).
+            for ticket in (elsewhere, left):
+                while (await state_of(store, ticket)) is not WorkState.DELIVERED:
+                    await anyio.sleep(1)
+                    assert trio.current_time() < 60, f"{ticket} was not served"
+            assert [(await runtime.outcome(t)).text for t in (elsewhere, left)] == [
+                "found it",
+                "found it",
+            ]
+        async with open_runtime(store, model=ScriptedModel(Stall()), sweep_interval=0) as quiet:
+            late = await sessions.submit(user_draft("late", "nobody looks"))
+            await anyio.sleep(3_600)
+            assert quiet.active_sessions == [], "sweeping was switched off"
+            assert await state_of(store, late) is WorkState.QUEUED
+
+
+async def state_of(store: Store, ticket: Ticket) -> WorkState | None:
+    status = await store.sessions.queued_work_status(ticket.session_id, ticket.batch_id)
+    return None if status is None else status.state
+
+
+def user_draft(session_id: str, text: str) -> QueuedWorkDraft:
+    """What ``Runtime.submit`` enqueues for a user message."""
+    return QueuedWorkDraft(
+        session_id=session_id,
+        delivery=DeliveryPolicy.EARLIEST_SAFE_BOUNDARY,
+        slot=SlotPolicy.JOIN,
+        payloads=[{"role": "user", "text": text}],
+    )
 
 
 async def test_a_turn_longer_than_the_lease_ttl_commits_once(

@@ -60,6 +60,8 @@ from turnbuckle.errors import (
     InvalidArgument,
     QueuedWorkNotFound,
     QueuedWorkParked,
+    StoreClosedError,
+    TurnbuckleError,
 )
 from turnbuckle.sansio.codec import JSON, check_int64
 from turnbuckle.sansio.driver import (
@@ -306,7 +308,13 @@ class Runtime:
         sessions, woke = self.store.sessions, False
         while True:
             answered = self._answered.setdefault(ticket.batch_id, anyio.Event())
-            status = await sessions.queued_work_status(ticket.session_id, ticket.batch_id)
+            try:
+                status = await sessions.queued_work_status(ticket.session_id, ticket.batch_id)
+            except TurnbuckleError as exc:
+                if not exc.retryable:
+                    raise
+                await anyio.sleep(poll_interval)  # a busy store: waiting is what this call does
+                continue
             if status is None:
                 raise QueuedWorkNotFound(ticket.session_id, ticket.batch_id)
             if status.state is WorkState.DELIVERED:
@@ -399,8 +407,8 @@ class Runtime:
             receive.close()
 
     async def resume(self) -> list[str]:
-        """Wake the actors of every session with ready, unparked work (run at start by
-        default); returns their ids.
+        """Wake the actors of every session with ready, unparked work (run at start, and every
+        ``sweep_interval``, by default); returns their ids.
 
         Raises:
             StoreClosedError and other store errors.
@@ -409,6 +417,19 @@ class Runtime:
         for session_id in sessions:
             self._wake(session_id)
         return sessions
+
+    async def _sweep(self, interval: float) -> None:
+        """Look for work nobody told this runtime about, every ``interval`` seconds: submitted
+        in another process, or left by a runtime that died (its lease runs out; a runtime that
+        looks again serves it)."""
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await self.resume()
+            except StoreClosedError:
+                return
+            except TurnbuckleError as exc:  # busy, say: the next sweep tries again
+                logger.log(Severity.WARNING, "sweeping for sessions with work: %r", exc)
 
     def worker(
         self,
@@ -707,6 +728,7 @@ async def open_runtime(
     shutdown: Literal["cancel", "finish"] = "cancel",
     shutdown_grace: float = 5.0,
     resume: bool = True,
+    sweep_interval: float | None = None,
     event_history: int = 10_000,
 ) -> AsyncIterator[Runtime]:
     """Run agent sessions on ``store`` for the duration of the block.
@@ -720,7 +742,9 @@ async def open_runtime(
     park a message. On exit, ``shutdown="cancel"`` cancels running turns (their work returns to
     the queue, for this or another runtime) and ``"finish"`` waits for every session to run
     out of work; either way leases are released within ``shutdown_grace`` seconds. With
-    ``resume`` (default), sessions left with ready work (by a crash, say) are woken at start;
+    ``resume`` (default), sessions left with ready work (by a crash, say) are woken at start,
+    and again every ``sweep_interval`` seconds (default: the lease ttl; 0: never), so work
+    submitted in another process, or left by a runtime that died, is served without a restart;
     ``event_history`` events are kept for subscribers that replay from a cursor.
 
     Raises:
@@ -730,6 +754,10 @@ async def open_runtime(
     if shutdown not in ("cancel", "finish"):
         raise InvalidArgument(f"shutdown must be 'cancel' or 'finish', got {shutdown!r}")
     check_int64("event_history", event_history, minimum=1)
+    if sweep_interval is None:
+        sweep_interval = lease_ttl_ms / 1000 if type(lease_ttl_ms) is int else 0.0
+    if not isinstance(sweep_interval, int | float) or not 0 <= sweep_interval < math.inf:
+        raise InvalidArgument(f"sweep_interval must be >= 0 seconds, got {sweep_interval!r}")
     if not isinstance(shutdown_grace, int | float) or not 0 <= shutdown_grace < math.inf:
         raise InvalidArgument(f"shutdown_grace must be >= 0 seconds, got {shutdown_grace!r}")
     tools = dict(tools or {})
@@ -755,6 +783,8 @@ async def open_runtime(
         if resume:
             for session_id in ready:
                 runtime._wake(session_id)
+            if sweep_interval > 0:
+                tg.start_soon(runtime._sweep, float(sweep_interval), name="turnbuckle sweep")
         try:
             yield runtime
             if shutdown == "finish":

@@ -669,7 +669,7 @@ class SessionDriver:
         if self.lease is not None:
             # Releasing, only the expiry matters (no renewal is due any more).
             renewing = self.state in _RENEWING
-            times.append(self._keeper.deadline() if renewing else self._keeper.expires_at_ms)
+            times.append(self._keeper.deadline() if renewing else self._keeper.stop_at_ms)
         if self._retry is not None:
             times.append(self._retry[0])
         if self._wake_at is not None:

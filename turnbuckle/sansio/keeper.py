@@ -10,8 +10,9 @@ renewal, so two renewals can fail before it runs out) and when it has run out by
 own clock, the same clock the store reads: then the driver stops working under it at once,
 without waiting for a store to confirm, because a holder past its lease is a zombie whose
 writes the store refuses anyway, and whose side effects (a tool call, a model call) nobody
-wants. A renewal that fails for a transient reason is tried again after a short backoff, never
-later than the expiry.
+wants. It stops a tenth of the ttl early: a busy event loop notices its deadline late, and the
+next holder can take the lease only once it has run out, so the two never work at once. A
+renewal that fails for a transient reason is tried again after a short backoff, before then.
 
 Every store error falls in one of four kinds (:func:`classify`), and the drivers decide from
 the kind alone, so a new error type needs one line in a table, not a change of protocol:
@@ -118,15 +119,21 @@ class LeaseKeeper:
         """True if a renewal should be sent now."""
         return self.in_flight is None and now_ms >= self.renew_at_ms
 
+    @property
+    def stop_at_ms(self) -> int:
+        """When the holder stops working under the lease: a tenth of the ttl before it runs
+        out (see the module docstring)."""
+        return self.expires_at_ms - max(self.ttl_ms // 10, 1)
+
     def expired(self, now_ms: int) -> bool:
-        """True once the lease has run out by the shared clock."""
-        return now_ms >= self.expires_at_ms
+        """True once the holder must stop working under the lease."""
+        return now_ms >= self.stop_at_ms
 
     def deadline(self) -> int:
-        """The next instant the keeper needs attention: the renewal, or the expiry."""
+        """The next instant the keeper needs attention: the renewal, or the stop."""
         if self.in_flight is None:
-            return min(self.renew_at_ms, self.expires_at_ms)
-        return self.expires_at_ms
+            return min(self.renew_at_ms, self.stop_at_ms)
+        return self.stop_at_ms
 
     def sent(self, command_id: int) -> None:
         self.in_flight = command_id
@@ -137,5 +144,5 @@ class LeaseKeeper:
         delay = self.backoff.delay_ms(self.failures, ids)
         self.failures += 1
         self.in_flight = None
-        self.renew_at_ms = min(now_ms + delay, max(self.expires_at_ms - 1, now_ms))
+        self.renew_at_ms = min(now_ms + delay, max(self.stop_at_ms - 1, now_ms))
         return delay
