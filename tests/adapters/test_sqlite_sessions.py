@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import queue
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import apsw
 import attrs
 import pytest
 import trio
@@ -45,12 +47,14 @@ from turnbuckle import (
     SessionNode,
     SlotPolicy,
     StoreInternalError,
+    SubmitStatus,
     TaskStatus,
     TokenUsage,
     TurnbuckleError,
     TurnCommitStamp,
     UnsupportedSchemaVersion,
     UsageEntry,
+    WorkState,
     turn_commit_hash,
 )
 from turnbuckle.adapters.sqlite import APPLICATION_ID, SCHEMA_VERSION
@@ -61,7 +65,7 @@ from ..figures import record as record_figures
 from ..reliability._shared import race_in_threads, reap
 from ._session_children import TTL_MS, WAIT_S, Round, race_worker, store_url
 from .factories import side_by_side
-from .schemas import V1_DDL, schema, sql
+from .schemas import V1_DDL, V2_DDL, V3_DDL, schema, sql
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -166,6 +170,78 @@ def test_concurrent_opens_of_a_version_1_file_all_succeed(tmp_path: Path) -> Non
     assert sorted(outcomes.values()) == list(range(1, openers + 1)), outcomes
     assert sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert sql(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+async def test_a_version_3_file_with_work_in_flight_is_upgraded_and_its_claims_are_void(
+    tmp_path: Path,
+) -> None:
+    """A v3 file left by a runtime that died mid-turn: a held lease (expired now) and a batch
+    under a claim that would live for hours. Upgraded to v4, the claim names no lease grant, so
+    it is void under the next one: the work is claimed again at once, from the head, and the
+    source key of the batch still dedups; deliveries and parking work on the upgraded file."""
+    path = tmp_path / "v3.db"
+    sql(
+        path,
+        "BEGIN IMMEDIATE",
+        *V1_DDL,
+        *V2_DDL,
+        *V3_DDL,
+        f"PRAGMA application_id = {APPLICATION_ID}",
+        "PRAGMA user_version = 3",
+        "UPDATE tb_meta SET value = 2 WHERE key = 'enqueue_seq'",
+        "INSERT INTO session_leases VALUES ('s', 'dead', 'tok', 4, 1000, 2000)",
+        "COMMIT",
+    )
+    conn = apsw.Connection(str(path))
+    hours = 10 * 3_600_000
+    for seq, name, key, claim in (
+        (1, "a", "key-a", ("qwc:1:1", "dead", "claim-tok", 1, 1000, hours)),
+        (2, "b", None, (None, None, None, 0, 0, 0)),
+    ):
+        items = json.dumps([[f"qwb:{name}:0", json.dumps({"text": name}, separators=(",", ":"))]])
+        conn.execute(
+            "INSERT INTO queued_work VALUES (?, ?, 's', ?, 'earliest_safe_boundary', 'exclusive',"
+            " 'never', 0, 1000, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, f"qwb:{name}", key, items, *claim),
+        )
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+    async with turnbuckle.open_store(store_url(path)) as store:
+        sessions = store.sessions
+        listed = await sessions.list_queued_work("s")
+        assert [(b.batch_id, b.failures, b.parked) for b in listed] == [
+            ("qwb:a", 0, False),
+            ("qwb:b", 0, False),
+        ]
+        assert [b.items[0].payload for b in listed] == [{"text": "a"}, {"text": "b"}]
+        pending = await sessions.list_pending_queued_work("s")
+        assert [b.batch_id for b in pending] == ["qwb:a", "qwb:b"], "the v3 claim holds nothing"
+        lease = await sessions.try_claim_lease("s", "new", TTL_MS)
+        assert lease is not None and lease.fencing_token == 5
+        claim = await sessions.claim_queued_work(
+            "s", lease.fence(), "new", ClaimBoundary.ACTIVE_TURN_CHECKPOINT, TTL_MS, 10
+        )
+        assert claim is not None and [b.batch_id for b in claim.batches] == ["qwb:a"]
+        assert claim.fencing_token == 2
+        again = await sessions.submit(draft("s", "a", source_key="key-a"))
+        assert (again.batch_id, again.status) == ("qwb:a", SubmitStatus.DUPLICATE)
+        result = await sessions.bind("s").commit(
+            RuntimeCommit(
+                session_id="s",
+                lease=lease.fence(),
+                completed_claims=[claim.completion()],
+                outcome={"ok": True},
+            )
+        )
+        status = await sessions.queued_work_status("s", "qwb:a")
+        assert status is not None and status.state is WorkState.DELIVERED
+        assert (status.outcome, status.head_revision) == ({"ok": True}, result.head_revision)
+    assert sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert sql(path, "PRAGMA integrity_check") == [("ok",)]
+    fresh = tmp_path / "fresh.db"
+    async with turnbuckle.open_store(store_url(fresh)):
+        pass
+    assert schema(path) == schema(fresh)
 
 
 @pytest.mark.parametrize("version", [99, SCHEMA_VERSION + 1, 0])

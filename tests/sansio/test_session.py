@@ -7,6 +7,7 @@ import pytest
 
 from turnbuckle.errors import (
     HeadRevisionConflict,
+    InvalidArgument,
     QueuedWorkClaimExpired,
     RuntimeTurnCommitConflict,
     SessionBindingMismatch,
@@ -174,6 +175,19 @@ def test_an_accepted_commit_plans_every_write() -> None:
     assert plan.lease is not None and plan.lease.lease_token is None
     read = build_read(plan.head, plan.nodes, (), refs, FullGraph())  # type: ignore[arg-type]
     assert read.checkpoint == commit.checkpoint and read.leaf_node_id == "b"
+
+
+@pytest.mark.parametrize(
+    "field", ["agent_frames", "usage", "completed_claims", "committed_attachment_ids"]
+)
+@pytest.mark.parametrize("bad", [None, 5, "ab", {"a": 1}], ids=repr)
+def test_a_commit_with_a_non_sequence_field_is_refused_when_made(field: str, bad: object) -> None:
+    """A typed error at construction, naming what is wrong, not a raw TypeError (or, for a str,
+    a silent list of letters) somewhere later."""
+    with pytest.raises(InvalidArgument, match="sequence"):
+        RuntimeCommit(session_id="s", **{field: bad})  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="sequence"):
+        GraphAppend(nodes=bad)  # type: ignore[arg-type]
 
 
 def test_leaf_follows_the_delta() -> None:

@@ -1388,7 +1388,7 @@ async def unknown_batch_ids_claim_and_cancel_nothing(make: StoreFactory) -> None
                 "root", lease.fence(), "owner", IDLE, TTL, batch_ids
             )
             assert claim is None, (batch_ids, claim)
-        for batch_ids_arg in ([], "qwb:unknown", [7]):
+        for batch_ids_arg in ([], "qwb:unknown", [7], None, 7):
             await _raises_type(
                 InvalidArgument,
                 sessions.claim_queued_work_by_ids(
