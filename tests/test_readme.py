@@ -33,5 +33,7 @@ def test_readme_block_runs(source: str) -> None:
     namespace: dict[str, object] = {"__name__": "readme_example"}
     exec(code, namespace)
     main = namespace.get("main")
-    if inspect.iscoroutinefunction(main) and "trio.run(" not in source:
+    if inspect.iscoroutinefunction(main) and not (
+        "trio.run(" in source or "asyncio.run(" in source
+    ):
         trio.run(main)
