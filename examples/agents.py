@@ -4,11 +4,15 @@ A scripted model (no real LLM) with two tools serves several sessions at once; a
 arrives mid-turn and is joined at the turn's checkpoint; a second runtime contends for a busy
 session and waits for its lease; then a runtime process is killed in the middle of a turn, and a
 new one resumes the session once the dead one's lease expires, delivering the message exactly
-once. Everything prints as a timeline.
+once. Last, exactly once as a client sees it: a resend after the answer gets the original ticket
+(no second turn), the answer is read back from the ticket alone after a restart, and a message
+whose turn keeps failing is parked with its error, then resubmitted once the cause is fixed.
+Everything prints as a timeline.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -20,7 +24,9 @@ import trio
 from turnbuckle import (
     ModelRequest,
     ModelResponse,
+    QueuedWorkParked,
     StopReason,
+    Ticket,
     ToolCall,
     open_runtime,
     open_store,
@@ -38,9 +44,13 @@ def log(who: str, text: str) -> None:
 # --- the agent: a scripted model and two tools ------------------------------------------------
 
 
+model_calls = {"n": 0}
+
+
 async def model(request: ModelRequest) -> ModelResponse:
     """Stands in for an LLM: asks for the weather of every city the user names, then answers
     from the tool results. Deterministic, so the demo reads the same on every run."""
+    model_calls["n"] += 1
     await trio.sleep(0.05)  # "thinking"
     last = request.messages[-1]
     if last.role == "user":
@@ -177,15 +187,81 @@ async def crash_and_resume() -> None:
         log("erin", f"delivered exactly once: {users}; agent: {answer!r}")
 
 
+async def exactly_once() -> None:
+    print("11. Exactly once, as the client sees it")
+    async with (
+        open_store(URL) as store,
+        open_runtime(store, model=model, tools=TOOLS, owner_id="runtime-d") as runtime,
+    ):
+        ticket = await runtime.submit("fay", "Weather in Paris?", source_key="fay-msg-1")
+        reply = await runtime.outcome(ticket)
+        log("fay", f"agent: {reply.text!r} (turn {reply.turn_id})")
+        calls_before = model_calls["n"]
+        again = await runtime.submit("fay", "Weather in Paris?", source_key="fay-msg-1")
+        log(
+            "fay",
+            f"sent again with the same key: status {again.status.value}, same ticket:"
+            f" {again.batch_id == ticket.batch_id}; model calls since: "
+            f"{model_calls['n'] - calls_before}",
+        )
+    # A new store handle and a new runtime: the answer is read back from the ticket alone.
+    async with (
+        open_store(URL) as store,
+        open_runtime(store, model=model, tools=TOOLS, owner_id="runtime-e") as runtime,
+    ):
+        saved = Ticket(session_id="fay", batch_id=ticket.batch_id)
+        log(
+            "runtime-e",
+            f"after a restart, outcome(ticket) -> {(await runtime.outcome(saved)).text!r}",
+        )
+
+    # A tool whose answer the store refuses (2 MB, over the 1 MiB payload limit): the turn's
+    # commit fails every time; after three failed turns the message is parked, not retried
+    # forever, and the work behind it goes on.
+    huge = {"on": True}
+
+    async def report(args: object) -> str:
+        return "x" * 2_000_000 if huge["on"] else "a short report"
+
+    async def reporting_model(request: ModelRequest) -> ModelResponse:
+        if request.messages[-1].role == "user":
+            call = ToolCall(call_id=request.messages[-1].message_id, name="report", args=None)
+            return ModelResponse(tool_calls=[call], stop_reason=StopReason.TOOL_USE)
+        return ModelResponse(text=f"report of {len(request.messages[-1].text)} characters")
+
+    async with (
+        open_store(URL) as store,
+        open_runtime(
+            store, model=reporting_model, tools={"report": report}, owner_id="runtime-f"
+        ) as runtime,
+    ):
+        ticket = await runtime.submit("gus", "Send me the full report")
+        try:
+            await runtime.outcome(ticket)
+        except QueuedWorkParked as parked:
+            log(
+                "gus",
+                f"parked after {parked.failures} failed turns: {parked.last_error[:70]}...",
+            )
+        idle = await runtime.wait_idle()
+        log("runtime-f", f"idle; parked messages: {[b.batch_id for b in idle.parked]}")
+        huge["on"] = False  # the tool is fixed
+        await runtime.resubmit(ticket)
+        log("gus", f"resubmitted; agent: {(await runtime.outcome(ticket)).text!r}")
+
+
 async def main() -> None:
     await showcase()
     await crash_and_resume()
+    await exactly_once()
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--crash-child"]:
         crash_child()
     else:
+        # Failures are logged (turnbuckle.runtime, at ERROR); shown here among the timeline.
+        logging.basicConfig(level=logging.ERROR, format="           logged: %(message).110s")
         for path in (DB, f"{DB}-wal", f"{DB}-shm"):
             if os.path.exists(path):
                 os.remove(path)
