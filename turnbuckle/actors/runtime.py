@@ -553,7 +553,14 @@ class _SessionActor:
         try:
             async with anyio.create_task_group() as tg:
                 commands = self.driver.handle(Woken(), clock.now_ms())
-                while not self._execute(commands, tg):
+                while True:
+                    self._execute(commands, tg)
+                    if self.driver.finished and not (self._woken or self.mailbox.waiting):
+                        # No await between that check and leaving the registry: a submit from
+                        # here on starts a new actor; one before it woke this driver again.
+                        if runtime._actors.get(self.session_id) is self:
+                            del runtime._actors[self.session_id]
+                        break
                     event = await self._next_event()
                     commands = self.driver.handle(event, clock.now_ms())
                 await self._store_calls_done()
@@ -577,9 +584,8 @@ class _SessionActor:
         clock = self.runtime.store.clock
         return await self.mailbox.next(self.driver.next_deadline(), clock, TimerFired())
 
-    def _execute(self, commands: list[Command], tg: anyio.abc.TaskGroup) -> bool:
-        """Carry commands out (store, model and tool calls as tasks); True once the actor may
-        leave (and has left the registry)."""
+    def _execute(self, commands: list[Command], tg: anyio.abc.TaskGroup) -> None:
+        """Carry commands out (store, model and tool calls as tasks)."""
         runtime = self.runtime
         for command in commands:
             if isinstance(command, Publish):
@@ -594,17 +600,10 @@ class _SessionActor:
             elif isinstance(command, CallModel | RunTool):
                 tg.start_soon(self._turn_call, command, self._turn_generation)
             elif isinstance(command, Exit):
-                if self._woken or self.mailbox.waiting:
-                    continue  # a wake arrived meanwhile: the driver starts again
-                # No await between that check and leaving the registry: a submit from here
-                # on starts a new actor.
-                if runtime._actors.get(self.session_id) is self:
-                    del runtime._actors[self.session_id]
-                return True
+                pass  # the loop leaves once the driver is finished and nothing is waiting
             else:
                 self._store_calls += 1
                 tg.start_soon(self._store_call, command)
-        return False
 
     async def _store_calls_done(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.runtime._grace):
