@@ -694,25 +694,22 @@ async def test_a_lost_lease_cancels_the_turn_and_the_work_is_delivered_once(
     (the model call sees it) and nothing is committed under the old lease; the work is
     delivered once, by whoever holds the lease next.
 
-    - "stalled store": renewals hang (a store call that never returns), so the lease runs out
-      by the shared clock: the actor stops the turn without waiting for the store, and takes
-      the lease again once renewals work;
+    - "stalled store": the store stops answering (every call hangs: a disk or a server that
+      stalled), so the lease runs out by the shared clock: the actor stops the turn without
+      waiting for the store, and takes the lease again once the store answers;
     - "stolen": a thief releases the runtime's grant and takes the lease; the next renewal is
       refused; the thief does nothing and releases; the runtime takes the lease back."""
     model = Gate(ScriptedModel(Stall(), then="recovered"), hold=False)
     async with store_on(url) as store:
         sessions = store.sessions
-        renew = sessions.renew_lease_and_claims
-        stalled = anyio.Event()
+        run, stalled, answering = sessions._run, False, anyio.Event()
 
-        async def hang_once(*args: Any) -> Any:
-            if not stalled.is_set():
-                stalled.set()
-                await anyio.sleep_forever()
-            return await renew(*args)
+        async def stallable(fn: Any, *, writes: bool) -> Any:
+            if stalled:
+                await answering.wait()
+            return await run(fn, writes=writes)
 
-        if how == "stalled store":
-            monkeypatch.setattr(sessions, "renew_lease_and_claims", hang_once)
+        monkeypatch.setattr(sessions, "_run", stallable)
         async with (
             open_runtime(store, model=model, owner_id="victim", lease_ttl_ms=3_000) as runtime,
             runtime.events("s") as stream,
@@ -728,7 +725,10 @@ async def test_a_lost_lease_cancels_the_turn_and_the_work_is_delivered_once(
                 await model.cancelled.wait()
                 await sessions.release_lease(thief.fence())
             else:
-                await model.cancelled.wait()
+                stalled = True
+                await model.cancelled.wait()  # the store has not answered since
+                stalled = False
+                answering.set()
             assert (await runtime.outcome(ticket)).text == "recovered"
             events = await collect(stream, lambda e: e.type == "turn_outcome")
             assert any(e.type == "lease_lost" for e in events)

@@ -32,6 +32,7 @@ from turnbuckle.sansio.queue import (
     check_completion,
     claim_rows,
     deliver_row,
+    ended_claims,
     fail_rows,
     is_claimed,
     is_pending,
@@ -158,6 +159,27 @@ def test_an_idle_claim_starts_from_the_head_whoever_holds_it() -> None:
     assert seqs(again) == [1] and second.fencing_token > first.fencing_token
     with pytest.raises(QueuedWorkClaimExpired):
         check_completion(apply(rows, again)[:1], first.completion(), G)
+
+
+def test_an_idle_claim_ends_every_other_claim() -> None:
+    """A dropped turn held b1 (idle) and b2 (checkpoint) under this grant; the next turn's idle
+    claim takes b1 and ends the claim on b2, so its checkpoint takes b2, not b3."""
+    rows = [batch(1, slot=EXCL), batch(2, slot=EXCL), batch(3, slot=EXCL)]
+    first, _ = claim(rows)
+    rows = apply(rows, first)
+    second, _ = claim(rows, CHECKPOINT)
+    rows = apply(rows, second)
+    assert seqs(select(rows, CHECKPOINT)) == [3], "without ending them, b2 would be skipped"
+    again = select(rows)
+    assert seqs(again) == [1]
+    ended = ended_claims(rows, again)
+    assert seqs(ended) == [2] and ended[0].claim_token is None
+    assert ended[0].claim_fencing_token == rows[1].claim_fencing_token, "the token still grows"
+    rows = apply(rows, ended)
+    taken, _ = claim(rows)
+    rows = apply(rows, taken)
+    assert seqs(select(rows, CHECKPOINT)) == [2]
+    assert ended_claims(rows[1:], ()) == (), "no claim left but the new one"
 
 
 def test_parked_work_is_skipped_and_unparked_in_its_place() -> None:

@@ -46,10 +46,18 @@ class Mailbox(Generic[E]):
         return self._receive.statistics().current_buffer_used
 
     async def next(self, deadline_ms: int | None, clock: Clock, timer: E) -> E:
-        """The next event, or ``timer`` once the clock reaches ``deadline_ms`` first."""
+        """The next event, or ``timer`` once the clock reaches ``deadline_ms``. A deadline
+        already passed comes first: a lease that ran out is acted on before any result."""
         if deadline_ms is None:
             return await self._receive.receive()
-        with anyio.move_on_after(max(deadline_ms - clock.now_ms(), 0) / 1000):
+        left = deadline_ms - clock.now_ms()
+        if left <= 0:
+            return timer
+        try:
+            return self._receive.receive_nowait()  # no timeout to arm for a waiting event
+        except anyio.WouldBlock:
+            pass
+        with anyio.move_on_after(left / 1000):
             return await self._receive.receive()
         return timer
 

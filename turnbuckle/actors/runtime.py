@@ -197,6 +197,15 @@ class EventStream:
 
 
 @attrs.define(eq=False)
+class _Waiter:
+    """Callers of ``outcome`` for one message: woken when a commit here answers it (with the
+    answer), or when it is parked."""
+
+    done: anyio.Event = attrs.Factory(anyio.Event)
+    reply: tuple[str | None, TurnOutcome, int | None] | None = None
+
+
+@attrs.define(eq=False)
 class _Subscriber:
     session_id: str | None
     send: MemoryObjectSendStream[RuntimeEvent]
@@ -242,7 +251,8 @@ class Runtime:
         self._subscribers: list[_Subscriber] = []
         self._history: deque[RuntimeEvent] = deque(maxlen=event_history)
         self._seq = 0
-        self._answered: dict[str, anyio.Event] = {}
+        #: Who waits for which message's answer (several callers share one waiter).
+        self._answered: dict[str, _Waiter] = {}
         self._closing = False
 
     # --- the host's side ---
@@ -307,7 +317,7 @@ class Runtime:
             raise InvalidArgument(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
         sessions, woke = self.store.sessions, False
         while True:
-            answered = self._answered.setdefault(ticket.batch_id, anyio.Event())
+            waiter = self._answered.setdefault(ticket.batch_id, _Waiter())
             try:
                 status = await sessions.queued_work_status(ticket.session_id, ticket.batch_id)
             except TurnbuckleError as exc:
@@ -337,9 +347,12 @@ class Runtime:
                 self._wake(ticket.session_id)
                 woke = True
             with anyio.move_on_after(poll_interval):
-                await answered.wait()
-            if answered.is_set():
-                self._answered.pop(ticket.batch_id, None)
+                await waiter.done.wait()
+            if waiter.reply is not None:  # a commit here answered it: what the store recorded
+                turn_id, outcome, head_revision = waiter.reply
+                return Reply(
+                    ticket=ticket, turn_id=turn_id, outcome=outcome, head_revision=head_revision
+                )
 
     async def run_turn(
         self, session_id: str, text: str, *, source_key: str | None = None
@@ -517,11 +530,13 @@ class Runtime:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
 
-    def _resolve(self, batch_ids: Iterable[str]) -> None:
-        for batch_id in batch_ids:
-            answered = self._answered.pop(batch_id, None)
-            if answered is not None:
-                answered.set()
+    def _resolve(self, resolved: Resolve) -> None:
+        for batch_id in resolved.batch_ids:
+            waiter = self._answered.pop(batch_id, None)
+            if waiter is not None:
+                if resolved.outcome is not None:
+                    waiter.reply = (resolved.turn_id, resolved.outcome, resolved.head_revision)
+                waiter.done.set()
 
 
 class _SessionActor:
@@ -539,9 +554,11 @@ class _SessionActor:
         #: starts after its turn was cancelled does not run).
         self._turn_calls: set[anyio.CancelScope] = set()
         self._turn_generation = 0
-        #: Store calls in flight (an exit waits for them: a release, a hand-back).
-        self._store_calls = 0
-        self._store_idle = anyio.Event()
+        #: Store calls go to one task of the actor, in order (a store serves one call at a time
+        #: anyway), so the loop itself never waits on a store: a store that hangs cannot keep
+        #: it from seeing its lease run out and stopping the turn.
+        self._to_store, self._store_calls = anyio.create_memory_object_stream[Command](_INBOX)
+        self._store_done = anyio.Event()
         self.exited = anyio.Event()
 
     def wake(self) -> None:
@@ -552,6 +569,7 @@ class _SessionActor:
         runtime, clock = self.runtime, self.runtime.store.clock
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(self._serve_store_calls)
                 commands = self.driver.handle(Woken(), clock.now_ms())
                 while True:
                     self._execute(commands, tg)
@@ -563,7 +581,10 @@ class _SessionActor:
                         break
                     event = await self._next_event()
                     commands = self.driver.handle(event, clock.now_ms())
-                await self._store_calls_done()
+                # The calls still queued (a release, a hand-back) finish before the actor goes.
+                self._to_store.close()
+                with anyio.move_on_after(runtime._grace, shield=True):
+                    await self._store_done.wait()
                 tg.cancel_scope.cancel()
         finally:
             if not self.driver.finished:
@@ -575,6 +596,8 @@ class _SessionActor:
             if runtime._actors.get(self.session_id) is self:
                 del runtime._actors[self.session_id]
             self.mailbox.close()
+            self._to_store.close()
+            self._store_calls.close()
             self.exited.set()
 
     async def _next_event(self) -> Event:
@@ -585,13 +608,14 @@ class _SessionActor:
         return await self.mailbox.next(self.driver.next_deadline(), clock, TimerFired())
 
     def _execute(self, commands: list[Command], tg: anyio.abc.TaskGroup) -> None:
-        """Carry commands out (store, model and tool calls as tasks)."""
+        """Carry commands out, in order: model and tool calls as tasks, store calls through
+        the actor's store task; every result comes back through the mailbox."""
         runtime = self.runtime
         for command in commands:
             if isinstance(command, Publish):
                 runtime._publish(self.session_id, command.event)
             elif isinstance(command, Resolve):
-                runtime._resolve(command.batch_ids)
+                runtime._resolve(command)
             elif isinstance(command, CancelTurn):
                 self._turn_generation += 1
                 for scope in self._turn_calls:
@@ -602,23 +626,15 @@ class _SessionActor:
             elif isinstance(command, Exit):
                 pass  # the loop leaves once the driver is finished and nothing is waiting
             else:
-                self._store_calls += 1
-                tg.start_soon(self._store_call, command)
+                # Never full: the driver has a handful of store calls out at most.
+                self._to_store.send_nowait(command)
 
-    async def _store_calls_done(self) -> None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.runtime._grace):
-            while self._store_calls:
-                self._store_idle = anyio.Event()
-                await self._store_idle.wait()
-
-    async def _store_call(self, command: Command) -> None:
+    async def _serve_store_calls(self) -> None:
         try:
-            result = await self._perform(command)
+            async for command in self._store_calls:
+                await self.mailbox.post(await self._perform(command))
         finally:
-            self._store_calls -= 1
-            if not self._store_calls:
-                self._store_idle.set()
-        await self.mailbox.post(result)
+            self._store_done.set()
 
     async def _perform(self, command: Command) -> Event:
         """One store command; its result, or the error it raised, as an event."""

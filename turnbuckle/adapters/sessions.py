@@ -56,6 +56,7 @@ from turnbuckle.sansio.queue import (
     abandon_rows,
     check_batch_ids,
     claim_rows,
+    ended_claims,
     fail_rows,
     is_claimed,
     is_pending,
@@ -426,6 +427,7 @@ class SessionFacet:
             lambda rows, now, grant: select_claim_prefix(
                 rows, boundary, max_batches, now_ms=now, lease_fencing=grant
             ),
+            idle=boundary is ClaimBoundary.IDLE,
         )
 
     async def claim_queued_work_by_ids(
@@ -453,6 +455,7 @@ class SessionFacet:
             lambda rows, now, grant: select_by_batch_ids(
                 rows, boundary, ids, now_ms=now, lease_fencing=grant
             ),
+            idle=boundary is ClaimBoundary.IDLE,
         )
 
     async def _claim(
@@ -462,6 +465,8 @@ class SessionFacet:
         owner_id: str,
         ttl_ms: int,
         select: Callable[[list[QueuedBatchRow], int, int], tuple[QueuedBatchRow, ...]],
+        *,
+        idle: bool,
     ) -> QueuedWorkClaim | None:
         _check_session(session_id, self._limit)
         check_fence_argument(fence)
@@ -476,12 +481,18 @@ class SessionFacet:
             lease = _lease_row(table, session_id)
             check_fence(lease, fence, now_ms=now)
             grant = lease.fencing_token
-            selected = select(table.batches(session_id), now, grant)
+            rows = table.batches(session_id)
+            selected = select(rows, now, grant)
             if not selected:
                 return None
             claimed, claim = claim_rows(
                 selected, owner_id, ttl_ms, now_ms=now, ids=ids, lease_fencing=grant
             )
+            if idle:  # a turn starts: every claim of an earlier one ends
+                tokens = {r.batch_id: r.claim_token for r in rows}
+                for row in ended_claims(rows, selected):
+                    if not table.update_batch(row, tokens[row.batch_id]):
+                        raise ConcurrentModification(row.batch_id)
             for old, new in zip(selected, claimed, strict=True):
                 if not table.update_batch(new, old.claim_token):
                     raise ConcurrentModification(old.batch_id)

@@ -478,9 +478,14 @@ class Publish:
 @final
 @attrs.frozen(kw_only=True)
 class Resolve:
-    """These batches changed for good (delivered or parked): wake whoever waits for them."""
+    """These batches changed for good: wake whoever waits for them. Delivered, with the turn
+    that answered them (what the store recorded, so a waiter need not read it back); parked,
+    with none (a waiter reads why)."""
 
     batch_ids: tuple[str, ...] = attrs.field(converter=sequence)
+    turn_id: str | None = None
+    outcome: TurnOutcome | None = None
+    head_revision: int | None = None
 
 
 @final
@@ -1255,7 +1260,14 @@ class SessionDriver:
             },
             severity=Severity.INFO,
         )
-        self._out.append(Resolve(batch_ids=turn.batch_ids))
+        self._out.append(
+            Resolve(
+                batch_ids=turn.batch_ids,
+                turn_id=turn.turn_id,
+                outcome=turn.outcome,
+                head_revision=event.result.head_revision,
+            )
+        )
         self._turn = None
         lost = self._lost_while_committing
         if lost is not None:

@@ -38,7 +38,8 @@ deliverable is what keeps order across lease handovers and crashes:
   head of the queue at once, never the work behind a dead runtime's claim.
 - An ``idle`` claim is the start of a turn: the claimer has no turn in progress, so any claim
   still on the queue is left over from a turn that is over. It starts from the head whoever
-  claimed it, and the older claim can no longer complete or renew.
+  claimed it, and ends every other claim on the session's queue (:func:`ended_claims`): none
+  of them can complete or renew any more, and none is skipped by the new turn's checkpoints.
 - A ``checkpoint`` claim comes from inside the running turn: it skips the batches its own grant
   holds (the turn is delivering them) and takes the prefix right behind them.
 - Parked batches are dead letters: no claim takes them, so the work behind them goes on.
@@ -95,6 +96,7 @@ __all__ = [
     "check_completion",
     "claim_rows",
     "deliver_row",
+    "ended_claims",
     "fail_rows",
     "is_claimed",
     "is_pending",
@@ -670,6 +672,19 @@ def _unclaimed(row: QueuedBatchRow) -> QueuedBatchRow:
         claimed_at_ms=0,
         claim_expires_at_ms=0,
         claim_lease_fencing=0,
+    )
+
+
+def ended_claims(
+    rows: Sequence[QueuedBatchRow], claimed: Sequence[QueuedBatchRow]
+) -> tuple[QueuedBatchRow, ...]:
+    """The other claimed rows of the session, given back, when an idle claim takes ``claimed``
+    (see the module docstring): a turn that is over (dropped after its commit was refused, or
+    cut off by a lost lease that was then taken again as the same grant) left them claimed,
+    and the new turn's checkpoint claims must not skip them."""
+    taken = {row.batch_id for row in claimed}
+    return tuple(
+        _unclaimed(row) for row in rows if row.claim_token is not None and row.batch_id not in taken
     )
 
 

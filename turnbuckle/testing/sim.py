@@ -699,6 +699,11 @@ class _Sim:
             if bm.delivered_by is not None:
                 self.violate(f"{sid}: claimed {bm.alias}, already delivered by {bm.delivered_by}")
             bm.claim_token = claim.lease_token
+        # An idle claim ends every other claim on the session's queue.
+        claimed_ids = {b.batch_id for b in claim.batches}
+        for bid, bm in model.batches.items():
+            if bid not in claimed_ids:
+                bm.claim_token = None
         # Order: an idle claim takes the head of the work waiting, whoever held it.
         if aliases != [bm.alias for bm in waiting[: len(aliases)]]:
             head = waiting[0].alias if waiting else None

@@ -1719,6 +1719,38 @@ async def queued_work_order_survives_lease_handover(make: StoreFactory) -> None:
         assert read.head_revision == 2 and await sessions.list_queued_work("root") == []
 
 
+async def an_idle_claim_ends_every_earlier_claim(make: StoreFactory) -> None:
+    """A turn claims b1 and, at a checkpoint, b2; then it is dropped (its commit refused, or
+    its lease lost and taken back as the same grant). The next turn's idle claim takes b1 and
+    ends the old claim on b2 too, so its checkpoint takes b2, not b3: nothing is delivered out
+    of order, and the old claims can neither renew nor complete."""
+    async with make(clock=FakeClock()) as store:
+        sessions = store.sessions
+        b1, b2, _ = [
+            await sessions.enqueue(queued_turn_input_draft("root", text, ESB, EXCLUSIVE))
+            for text in ("b1", "b2", "b3")
+        ]
+        lease, old_idle = await _hold(store, "root", "owner")
+        fence = lease.fence()
+        old_checkpoint = await sessions.claim_queued_work(
+            "root", fence, "owner", CHECKPOINT, TTL, 10
+        )
+        assert old_checkpoint is not None and _ids(old_checkpoint.batches) == [b2.batch_id]
+        idle = await sessions.claim_queued_work("root", fence, "owner", IDLE, TTL, 10)
+        assert idle is not None and _ids(idle.batches) == [b1.batch_id]
+        checkpoint = await sessions.claim_queued_work("root", fence, "owner", CHECKPOINT, TTL, 10)
+        assert checkpoint is not None and _ids(checkpoint.batches) == [b2.batch_id], (
+            "the new turn's checkpoint must not skip the work the dropped turn had claimed"
+        )
+        for ended in (old_idle, old_checkpoint):
+            await _raises(
+                QueuedWorkClaimExpired("root", ended.claim_id),
+                sessions.renew_queued_work_claim(ended, TTL),
+            )
+        await _deliver(store, lease, idle, checkpoint)
+        assert [batch_text(b) for b in await sessions.list_queued_work("root")] == ["b3"]
+
+
 async def lease_and_claims_renew_together(make: StoreFactory) -> None:
     """``renew_lease_and_claims`` extends the lease and every claim in one transaction; if any
     claim is no longer live nothing is renewed."""
@@ -1932,6 +1964,7 @@ SESSION_SCENARIOS: tuple[Scenario, ...] = (
     final_commit_stamp_is_idempotent_and_conflicts_on_changed_hash,
     # beyond the reference: order, failures, deliveries
     queued_work_order_survives_lease_handover,
+    an_idle_claim_ends_every_earlier_claim,
     lease_and_claims_renew_together,
     failed_work_is_parked_and_resubmittable,
     delivered_work_keeps_its_outcome_and_source_key,
