@@ -15,18 +15,19 @@ was lost) is ignored, so late and duplicate results are harmless by construction
 
 One session, one serial stream of events, in the states of :class:`DriverState`::
 
-    IDLE --woken--> ACQUIRING --held by another--> WAITING --timer--> CHECKING --work--> ACQUIRING
-                        |                              \\--woken--> ACQUIRING    \\--none--> STOPPED
-                        |  (lease granted)
-                        v
-    +-----------> CLAIMING --nothing--> PEEKING --work due later--> RELEASING --> SLEEPING
-    |                  |                    \\--none left---------> RELEASING --> STOPPED (exit)
-    |            (work claimed)
-    |                  v
-    |              LOADING --history--> RUNNING --turn done--> COMMITTING --committed--+
-    |                  |                    |                      |                  |
-    |                  +------ a failure ---+----------------------+--> HANDING_BACK  |
-    +----------------------------------------------------------------------+-----------+
+    IDLE --woken--> ACQUIRING --held by another--> WAITING --timer--> CHECKING --none--> STOPPED
+                      ^  |                            \\--woken--> ACQUIRING   |--work--> ACQUIRING
+                      |  | (granted)                                          \\--later--> SLEEPING
+                      |  v
+       +-------> CLAIMING --nothing--> PEEKING --due later, or none--> RELEASING --> SLEEPING
+       |             | (work claimed)                                       \\--> STOPPED
+       |             v
+       |         LOADING --history--> RUNNING --turn done--> COMMITTING --committed--+
+       |             |                   |                       |                  |
+       |             +---- a failure ----+-----------------------+--> HANDING_BACK  |
+       +---------------------------------------------------------------+-----------+
+    a state holding the lease --lease lost--> ACQUIRING (a commit out decides first)
+    RELEASING, SLEEPING, STOPPED --woken--> ACQUIRING
 
 While the lease is held (CLAIMING to HANDING_BACK), a :class:`~turnbuckle.sansio.keeper.LeaseKeeper`
 renews it, with the running turn's queue claims, every ttl/3, in the same transaction. The turn
@@ -43,8 +44,10 @@ What each store error means (:func:`~turnbuckle.sansio.keeper.classify`) decides
   capped, jittered backoff; a commit is retried with its stamp, so it is applied at most once;
 - the lease lost (a renewal or a fenced write refused, or the lease run out by the shared
   clock): the running turn is cancelled at once and the lease taken again; the claims it held
-  are void under the next grant, so nothing behind them is delivered first;
-- a claim lost (voided, or the head moved): the turn is dropped and the work claimed again;
+  are void under a newer grant, and ended by the next idle claim under the same one (taken
+  back before anyone else took it), so nothing behind them is delivered first;
+- a claim lost (voided, or the head moved): the turn is dropped and the work claimed again
+  from the head of the queue;
 - the store closed: stop;
 - anything else (a value the store refuses, a corrupt record, a bug): the turn fails, and its
   claims go back counting the failure; after ``max_failures`` failures a batch is parked with
@@ -52,8 +55,9 @@ What each store error means (:func:`~turnbuckle.sansio.keeper.classify`) decides
 
 Submitting a message only enqueues it and wakes the actor (:class:`Woken`); a wake that arrives
 while the driver is deciding the queue is empty is remembered and answered with another claim,
-so a message is never left behind by an exiting actor. The driver exits (:class:`Exit`) only
-after releasing the lease with the queue empty or parked.
+so a message is never left behind by an exiting actor. The driver exits (:class:`Exit`) when
+its queue is empty or parked, after releasing the lease (or, if the store keeps refusing the
+release, leaving it to run out).
 """
 
 from __future__ import annotations
@@ -207,7 +211,7 @@ class SessionEvent:
     """What the driver tells subscribers: the turn machine's UI events (``llm_request``,
     ``token_usage``, ``text_delta``, ``error``, ``injected_input``) and its own
     (``turn_started``, ``tool_call``, ``turn_outcome``, ``turn_failed``, ``work_parked``,
-    ``lease_lost``, ``store_retry``, ``session_error``)."""
+    ``turn_lost``, ``lease_lost``, ``store_retry``, ``session_error``, ``session_stopped``)."""
 
     type: str
     data: JSON = None
@@ -653,6 +657,8 @@ class SessionDriver:
         self._failures = 0
         self._release_tries = 0
         self._sleep_after_release: int | None = None
+        #: The release under way is of a lost lease: take the lease again once it is done.
+        self._retake = False
         #: The lease was lost while the commit was in flight: its result decides first.
         self._lost_while_committing: str | None = None
         #: The command whose result is being handled.
@@ -747,7 +753,7 @@ class SessionDriver:
     def _release(self, then_sleep_until: int | None) -> None:
         self.state = DriverState.RELEASING
         self._sleep_after_release = then_sleep_until
-        self._release_tries = 0
+        self._release_tries, self._retake = 0, False
         self._send(ReleaseLease(command_id=self._new_id(), fence=self._fence()))
 
     def _drop_lease(self) -> None:
@@ -762,6 +768,8 @@ class SessionDriver:
         self.state = DriverState.STOPPED
         self._wake_at = None
         self._retry = None
+        # A late result of what was still out is ignored, even after a restart.
+        self._pending.clear()
         self._out.append(Exit())
 
     def _schedule_retry(self, command: _StoreCommand, error: BaseException, now_ms: int) -> None:
@@ -794,8 +802,11 @@ class SessionDriver:
         self._keeper.hold(now_ms, lease.expires_at_ms)
 
     def _lose_lease(self, why: str, now_ms: int, *, settled: bool = False) -> None:
-        """The lease is gone: stop the turn at once and take the lease again. The turn's
-        claims are void under the next grant, so nothing needs handing back.
+        """The lease is gone: stop the turn at once, give the grant up, and take the lease
+        again. Given up first, the next grant is a new one (not this one re-entered, as a lease
+        that only ran out by our own clock would be), under which every claim of the turn is
+        void and a claim of this grant still on its way to the store is refused; nothing needs
+        handing back.
 
         A turn whose commit is out is the exception, until the commit itself says
         (``settled``): it may have landed (a reply lost), and a retry of a stamped commit
@@ -803,12 +814,12 @@ class SessionDriver:
         if self.state is DriverState.COMMITTING and not settled:
             self._lost_while_committing = why
             if self._keeper.in_flight is not None:
-                del self._pending[self._keeper.in_flight]
+                self._pending.pop(self._keeper.in_flight, None)
             self._keeper.in_flight = None
             self._keeper.expires_at_ms = self._keeper.renew_at_ms = 2**62
             return
         if self.state is DriverState.RELEASING:
-            self._after_release()
+            self._after_release()  # it was being given up anyway
             return
         turn = self._turn
         self._publish(
@@ -816,9 +827,12 @@ class SessionDriver:
             {"reason": why, "tickets": [] if turn is None else turn.batch_ids},
             severity=Severity.WARNING,
         )
+        fence = self._fence()
         self._cancel_turn()
         self._drop_lease()
-        self._take_lease()
+        self.state = DriverState.RELEASING
+        self._retake, self._sleep_after_release, self._release_tries = True, None, 0
+        self._send(ReleaseLease(command_id=self._new_id(), fence=fence))
 
     def _cancel_turn(self) -> None:
         turn = self._turn
@@ -836,7 +850,8 @@ class SessionDriver:
         if self.lease is not None and self._keeper.expired(now_ms):
             # Run out by the shared clock: whatever a renewal in flight says, stop now.
             self._lose_lease("the lease ran out before it could be renewed", now_ms)
-            return
+            if self.state is not DriverState.COMMITTING:
+                return  # a commit's retry (below) still decides whether the turn landed
         if self.lease is not None and self._keeper.due(now_ms) and self.state in _RENEWING:
             command_id = self._new_id()
             self._keeper.sent(command_id)
@@ -886,23 +901,37 @@ class SessionDriver:
             self._exit()
             return
         if isinstance(command, RenewLease):
-            if fault is Fault.RETRY:
-                self._keeper.retry_later(now_ms, self._ids)
-            elif isinstance(event.error, SessionExecutionLeaseExpired):
+            if isinstance(event.error, SessionExecutionLeaseExpired):
                 self._lose_lease(_describe(event.error), now_ms)
-            elif fault is Fault.LOST:  # a claim was voided: if the running turn's, it is lost
-                self._keeper.in_flight = None
-                turn = self._turn
-                renewed = {c.claim_id for c in command.claims}
-                if (
-                    self.state is DriverState.RUNNING
-                    and turn is not None
-                    and renewed & {c.claim_id for c in turn.claims}
-                ):
-                    self._turn_lost(_describe(event.error), now_ms)
-            else:
+                return
+            turn = self._turn
+            renewed = {c.claim_id for c in command.claims}
+            if (
+                fault is Fault.LOST
+                and self.state in (DriverState.LOADING, DriverState.RUNNING)
+                and turn is not None
+                and renewed & {c.claim_id for c in turn.claims}
+            ):
+                # A claim of the turn was voided (and, in the same transaction, the lease not
+                # renewed): the turn is lost; its claims are ended by the next idle claim.
                 self._keeper.retry_later(now_ms, self._ids)
+                self._turn_lost(_describe(event.error), now_ms)
+                return
+            # Transient, or about claims that are no longer the turn's: renew again soon.
+            delay = self._keeper.retry_later(now_ms, self._ids)
+            if fault is Fault.FAIL:
                 self._report(event.error, "renewing the lease")
+            elif fault is Fault.RETRY:
+                self._publish(
+                    "store_retry",
+                    {
+                        "operation": "RenewLease",
+                        "error": _describe(event.error),
+                        "attempt": self._keeper.failures,
+                        "delay_ms": delay,
+                    },
+                    severity=Severity.WARNING if self._keeper.failures == 1 else Severity.DEBUG,
+                )
             return
         if fault is Fault.RETRY:
             if isinstance(command, ReleaseLease):
@@ -1040,8 +1069,9 @@ class SessionDriver:
         self._after_release()
 
     def _after_release(self) -> None:
+        retake, self._retake = self._retake, False
         self._drop_lease()
-        if self._poked:
+        if retake or self._poked:
             self._take_lease()
         elif self._sleep_after_release is not None:
             self.state, self._wake_at = DriverState.SLEEPING, self._sleep_after_release
@@ -1049,6 +1079,9 @@ class SessionDriver:
             self._exit()
 
     def _on_stop_holding(self, event: StopRequested, now_ms: int) -> None:
+        if self.lease is None:  # given up already (a lost lease, being released)
+            self._exit()
+            return
         turn = self._turn
         claims = () if turn is None else tuple(turn.claims)
         fence = self._fence()

@@ -109,9 +109,12 @@ class LeaseKeeper:
     failures: int = 0
 
     def hold(self, now_ms: int, expires_at_ms: int) -> None:
-        """A lease was granted (or renewed) at ``now_ms``, running out at ``expires_at_ms``."""
+        """A lease was granted (or renewed), running out at ``expires_at_ms``; the driver
+        learned it at ``now_ms``. The next renewal is due a third of the way into the lease as
+        granted: for a reply that came late, sooner (at once, if it is due already)."""
+        third = max(self.ttl_ms // 3, 1)
         self.expires_at_ms = expires_at_ms
-        self.renew_at_ms = now_ms + max(self.ttl_ms // 3, 1)
+        self.renew_at_ms = max(now_ms, min(now_ms + third, expires_at_ms - 2 * third))
         self.in_flight = None
         self.failures = 0
 
@@ -144,5 +147,6 @@ class LeaseKeeper:
         delay = self.backoff.delay_ms(self.failures, ids)
         self.failures += 1
         self.in_flight = None
-        self.renew_at_ms = min(now_ms + delay, max(self.stop_at_ms - 1, now_ms))
+        # Never past the stop: there the lease is given up (and a retry no sooner than now).
+        self.renew_at_ms = max(now_ms, min(now_ms + delay, self.stop_at_ms))
         return delay
