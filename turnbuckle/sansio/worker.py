@@ -380,7 +380,7 @@ class WorkerDriver:
             self.held = event.handle
             # The store's lease began when it took the claim: no earlier than it was sent.
             sent_at = self._sent_at()
-            self._keeper.hold(sent_at, sent_at + self.config.lease_ttl_ms)
+            self._keeper.hold(self._now, sent_at + self.config.lease_ttl_ms)
             self.state = SlotState.DESCRIBING
             execution_id = event.handle.execution_id
             self._send(Describe(command_id=self._new_id(), execution_id=execution_id))
@@ -398,7 +398,7 @@ class WorkerDriver:
 
     def _on_renewed(self, event: Renewed) -> None:
         sent_at = self._sent_at()
-        self._keeper.hold(sent_at, sent_at + self.config.lease_ttl_ms)
+        self._keeper.hold(self._now, sent_at + self.config.lease_ttl_ms)
         if event.cancel_requested:
             self._out.append(CancelHandler())
             self._finish(failure=FailureClass.CANCELLED, message="cancelled on request")
