@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/executions.py
 
 soak: $(STAMP)
-	TURNBUCKLE_SOAK=1 $(BIN)/python -m pytest -q tests/reliability tests/sim tests/adapters/test_sqlite_sessions.py tests/adapters/test_sqlite_executions.py
+	TURNBUCKLE_SOAK=1 $(BIN)/python -m pytest -q tests/reliability tests/sim tests/adapters/test_sqlite_sessions.py tests/adapters/test_sqlite_executions.py tests/actors/test_runtime_chaos.py
 
 # The reliability report: the harnesses (CI sizes; TURNBUCKLE_SOAK=1 for large ones) record
 # their figures, then RELIABILITY.md is rendered from them.
