@@ -75,7 +75,15 @@ from turnbuckle.errors import (
 )
 from turnbuckle.sansio.codec import JSON, check_int64, check_text, sequence
 from turnbuckle.sansio.ids import IdSource
-from turnbuckle.sansio.keeper import Backoff, Fault, LeaseKeeper, classify
+from turnbuckle.sansio.keeper import (
+    Backoff,
+    CommandMachine,
+    DriverError,
+    Fault,
+    LeaseKeeper,
+    Severity,
+    classify,
+)
 from turnbuckle.sansio.lease import LeaseFence, SessionLease
 from turnbuckle.sansio.queue import ClaimBoundary, QueuedWorkBatch, QueuedWorkClaim
 from turnbuckle.sansio.session import (
@@ -158,14 +166,6 @@ __all__ = [
 ]
 
 
-class DriverError(InvalidArgument):
-    """The host fed the driver an event it cannot be given in its state (a host bug, such as
-    a result for a command that expects another kind). Nothing changed."""
-
-    _fields = ("state", "event")
-    _template = "the session driver in state {state} cannot take {event}"
-
-
 class DriverState(enum.Enum):
     """Where one session's actor is (see the module docstring)."""
 
@@ -195,15 +195,6 @@ class DriverState(enum.Enum):
     SLEEPING = "sleeping"
     #: Done: the actor may leave (a later wake starts it again).
     STOPPED = "stopped"
-
-
-class Severity(enum.IntEnum):
-    """How loudly a published event should be logged (the values are ``logging``'s levels)."""
-
-    DEBUG = 10
-    INFO = 20
-    WARNING = 30
-    ERROR = 40
 
 
 @attrs.frozen(kw_only=True)
@@ -626,7 +617,7 @@ class _Turn:
 _Handler: TypeAlias = "Any"
 
 
-class SessionDriver:
+class SessionDriver(CommandMachine[DriverState, Event, Command]):
     """The decisions of one session's actor (see the module docstring).
 
     ``handle(event, now_ms)`` returns the commands to carry out, in order; ``next_deadline()``
@@ -634,8 +625,11 @@ class SessionDriver:
     results come back carry a ``command_id``; report the result with the same id.
     """
 
+    NAME = "session driver"
+
     def __init__(self, session_id: str, config: DriverConfig, *, ids: IdSource) -> None:
         check_text("session_id", session_id)
+        super().__init__()
         self.session_id = session_id
         self.config = config
         self._ids = ids
@@ -643,9 +637,6 @@ class SessionDriver:
         self.lease: SessionLease | None = None
         self._keeper = LeaseKeeper(ttl_ms=config.lease_ttl_ms, backoff=config.backoff)
         self._turn: _Turn | None = None
-        self._next_id = 0
-        #: Commands whose results the driver waits for.
-        self._pending: dict[int, Command] = {}
         #: A store command to send again (after a transient failure), and when.
         self._retry: tuple[int, _StoreCommand] | None = None
         self._retries = 0
@@ -661,11 +652,8 @@ class SessionDriver:
         self._retake = False
         #: The lease was lost while the commit was in flight: its result decides first.
         self._lost_while_committing: str | None = None
-        #: The command whose result is being handled.
-        self._current: Command | None = None
         #: The last failure, for whoever asks how the session is doing.
         self.last_error: str | None = None
-        self._out: list[Command] = []
 
     # --- the interface ---
 
@@ -687,37 +675,7 @@ class SessionDriver:
             times.append(self._wake_at)
         return min(times) if times else None
 
-    def handle(self, event: Event, now_ms: int) -> list[Command]:
-        """Feed one event; returns the commands to carry out, in order.
-
-        Raises:
-            DriverError: the event cannot happen in this state (a host bug); nothing changed.
-        """
-        command_id = getattr(event, "command_id", None)
-        if command_id is not None and command_id not in self._pending:
-            return []  # a late result: cancelled, or sent before the lease was lost
-        handler = _TRANSITIONS.get((self.state, type(event)))
-        if handler is None or (
-            command_id is not None
-            and not isinstance(self._pending[command_id], _ANSWERS[type(event)])
-        ):
-            raise DriverError(self.state.value, type(event).__name__)
-        self._current = None if command_id is None else self._pending.pop(command_id)
-        self._out = []
-        handler(self, event, now_ms)
-        out, self._out = self._out, []
-        return out
-
     # --- helpers ---
-
-    def _send(self, command: Command) -> None:
-        self._out.append(command)
-        if hasattr(command, "command_id"):
-            self._pending[command.command_id] = command
-
-    def _new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
 
     def _publish(
         self, kind: str, data: JSON = None, *, severity: Severity = Severity.DEBUG
@@ -839,9 +797,7 @@ class SessionDriver:
         if turn is None:
             return
         self._turn = None
-        for command_id, command in list(self._pending.items()):
-            if isinstance(command, _TURN_COMMANDS):
-                del self._pending[command_id]
+        self._forget(_TURN_COMMANDS)
         if self._retry is not None and isinstance(self._retry[1], _TURN_COMMANDS):
             self._retry = None
         self._out.append(CancelTurn())
@@ -891,8 +847,9 @@ class SessionDriver:
     # --- store failures ---
 
     def _on_store_failed(self, event: StoreFailed, now_ms: int) -> None:
-        command = self._current
-        assert command is not None and isinstance(command, _STORE_COMMANDS), command
+        assert self._current is not None
+        command = self._current[0]
+        assert isinstance(command, _STORE_COMMANDS), command
         fault = classify(event.error, _LOST)
         if fault is Fault.CLOSED:
             self._publish("session_stopped", {"reason": _describe(event.error)})
@@ -1441,3 +1398,4 @@ _TRANSITIONS: Final[dict[tuple[DriverState, type[Any]], _Handler]] = {
     # Failures of store commands (the failed command decides what they mean).
     **{(state, StoreFailed): S._on_store_failed for state in (*_HOLDING, D.ACQUIRING, D.CHECKING)},
 }
+SessionDriver.TRANSITIONS, SessionDriver.ANSWERS = _TRANSITIONS, _ANSWERS

@@ -1,8 +1,16 @@
-"""What the session driver and the worker driver share: keeping a lease, backing off, and what
-a store error means.
+"""What the session driver and the worker driver share: the shape of a driver, keeping a lease,
+backing off, and what a store error means.
 
 Theory of operation
 -------------------
+
+Both drivers are a :class:`CommandMachine`: fed one event at a time with the current time, they
+return commands; a command whose result comes back carries a ``command_id``, and the machine
+keeps every such command until its result comes (with the time it was sent). A result for an id
+it no longer keeps (a cancelled call, one sent before a lease was lost) is ignored; a result of
+the wrong kind for a kept id, or an event its state cannot take, is a host bug
+(:class:`DriverError`) and changes nothing. Everything else is looked up in the machine's
+table of (state, event type) -> handler.
 
 A driver holds a lease (a session's, or an execution's) for as long as it works under it. The
 :class:`LeaseKeeper` says when the lease must be renewed (a third of its ttl after the last
@@ -33,7 +41,8 @@ the kind alone, so a new error type needs one line in a table, not a change of p
 from __future__ import annotations
 
 import enum
-from typing import Final
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Final, Generic, TypeVar
 
 import attrs
 
@@ -41,7 +50,94 @@ from turnbuckle.errors import InvalidArgument, StoreClosedError, TurnbuckleError
 from turnbuckle.sansio.codec import check_int64
 from turnbuckle.sansio.ids import IdSource
 
-__all__ = ["Backoff", "Fault", "LeaseKeeper", "classify"]
+__all__ = [
+    "Backoff",
+    "CommandMachine",
+    "DriverError",
+    "Fault",
+    "LeaseKeeper",
+    "Severity",
+    "classify",
+]
+
+StateT = TypeVar("StateT", bound=enum.Enum)
+EventT = TypeVar("EventT")
+CommandT = TypeVar("CommandT")
+
+
+class DriverError(InvalidArgument):
+    """A driver was fed an event it cannot be given in its state (a host bug, such as a result
+    for a command that expects another kind). Nothing changed."""
+
+    _fields = ("machine", "state", "event")
+    _template = "the {machine} in state {state} cannot take {event}"
+
+
+class Severity(enum.IntEnum):
+    """How loudly what a driver reports should be logged (the values are ``logging``'s)."""
+
+    DEBUG = 10
+    INFO = 20
+    WARNING = 30
+    ERROR = 40
+
+
+class CommandMachine(Generic[StateT, EventT, CommandT]):
+    """The shape both drivers share (see the module docstring). A subclass sets ``NAME`` (for
+    errors), ``state``, ``TRANSITIONS`` (what each (state, event type) pair runs:
+    ``handler(machine, event, now_ms)``) and ``ANSWERS`` (which commands each result answers)."""
+
+    NAME: ClassVar[str]
+    TRANSITIONS: ClassVar[Mapping[tuple[Any, type[Any]], Callable[..., None]]]
+    ANSWERS: ClassVar[Mapping[type[Any], tuple[type[Any], ...]]]
+    state: StateT
+
+    def __init__(self) -> None:
+        self._next_id = 0
+        #: Commands whose results the machine waits for, with when each was sent.
+        self._pending: dict[int, tuple[CommandT, int]] = {}
+        #: The command whose result is being handled, and when it was sent.
+        self._current: tuple[CommandT, int] | None = None
+        self._now = 0
+        self._out: list[CommandT] = []
+
+    def handle(self, event: EventT, now_ms: int) -> list[CommandT]:
+        """Feed one event at ``now_ms``; returns the commands to carry out, in order.
+
+        Raises:
+            DriverError: the event cannot happen in this state (a host bug); nothing changed.
+        """
+        command_id = getattr(event, "command_id", None)
+        if command_id is not None and command_id not in self._pending:
+            return []  # a late result: cancelled, or sent before what it served was lost
+        handler = self.TRANSITIONS.get((self.state, type(event)))
+        if handler is None or (
+            command_id is not None
+            and not isinstance(self._pending[command_id][0], self.ANSWERS[type(event)])
+        ):
+            raise DriverError(self.NAME, self.state.value, type(event).__name__)
+        self._current = None if command_id is None else self._pending.pop(command_id)
+        self._now, self._out = now_ms, []
+        handler(self, event, now_ms)
+        out, self._out = self._out, []
+        return out
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _send(self, command: CommandT) -> None:
+        """Out with ``command``; kept, if it has an id, until its result comes."""
+        self._out.append(command)
+        command_id = getattr(command, "command_id", None)
+        if command_id is not None:
+            self._pending[command_id] = (command, self._now)
+
+    def _forget(self, kinds: tuple[type[Any], ...] | None = None) -> None:
+        """Stop waiting for the results of the commands of ``kinds`` (all, for None)."""
+        for command_id, (command, _) in list(self._pending.items()):
+            if kinds is None or isinstance(command, kinds):
+                del self._pending[command_id]
 
 
 class Fault(enum.Enum):

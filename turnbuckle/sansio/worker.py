@@ -46,10 +46,17 @@ from turnbuckle.errors import (
     LeaseExpired,
 )
 from turnbuckle.sansio.codec import JSON, check_int64, check_text, sequence
-from turnbuckle.sansio.driver import DriverError, SessionEvent, Severity
+from turnbuckle.sansio.driver import SessionEvent
 from turnbuckle.sansio.execution import FailureClass, Handle
 from turnbuckle.sansio.ids import IdSource
-from turnbuckle.sansio.keeper import Backoff, Fault, LeaseKeeper, classify
+from turnbuckle.sansio.keeper import (
+    Backoff,
+    CommandMachine,
+    Fault,
+    LeaseKeeper,
+    Severity,
+    classify,
+)
 
 __all__ = [
     "CancelHandler",
@@ -254,27 +261,24 @@ _StoreCommand: TypeAlias = Claim | Describe | Renew | Finish
 _LOST: Final = (LeaseConflict, LeaseExpired, ExecutionTerminal, ExecutionNotFound)
 
 
-class WorkerDriver:
+class WorkerDriver(CommandMachine[SlotState, Event, Command]):
     """The decisions of one worker slot (see the module docstring): ``handle(event, now_ms)``
     returns the commands to carry out; ``next_deadline()`` says when to report
     :class:`TimerFired`."""
 
+    NAME = "worker driver"
+
     def __init__(self, config: WorkerConfig, *, ids: IdSource) -> None:
+        super().__init__()
         self.config = config
         self._ids = ids
         self.state = SlotState.IDLE
         self._keeper = LeaseKeeper(ttl_ms=config.lease_ttl_ms, backoff=config.backoff)
         #: The execution this slot holds, if any.
         self.held: Handle | None = None
-        self._next_id = 0
-        #: Commands whose results the driver waits for, with the time each was sent.
-        self._pending: dict[int, tuple[Command, int]] = {}
         self._retry: tuple[int, _StoreCommand] | None = None
         self._retries = 0
         self._poll_at: int | None = None
-        self._out: list[Command] = []
-        self._now = 0
-        self._current: tuple[Command, int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -292,42 +296,13 @@ class WorkerDriver:
             times.append(self._poll_at)
         return min(times) if times else None
 
-    def handle(self, event: Event, now_ms: int) -> list[Command]:
-        """Feed one event; returns the commands to carry out, in order.
-
-        Raises:
-            DriverError: the event cannot happen in this state (a host bug); nothing changed.
-        """
-        command_id = getattr(event, "command_id", None)
-        if command_id is not None and command_id not in self._pending:
-            return []  # a late result: the handler was cancelled, or the lease lost
-        handler = _TRANSITIONS.get((self.state, type(event)))
-        if handler is None or (
-            command_id is not None
-            and not isinstance(self._pending[command_id][0], _ANSWERS[type(event)])
-        ):
-            raise DriverError(self.state.value, type(event).__name__)
-        self._current = None if command_id is None else self._pending.pop(command_id)
-        self._now, self._out = now_ms, []
-        handler(self, event)
-        out, self._out = self._out, []
-        return out
-
     # --- helpers ---
-
-    def _send(self, command: Command) -> None:
-        self._out.append(command)
-        if not isinstance(command, CancelHandler | Report):
-            self._pending[command.command_id] = (command, self._now)
-
-    def _new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
 
     def _report(self, kind: str, data: JSON, severity: Severity) -> None:
         self._out.append(Report(event=SessionEvent(type=kind, data=data, severity=severity)))
 
     def _sent_at(self) -> int:
+        """When the command whose result is being handled was sent."""
         assert self._current is not None
         return self._current[1]
 
@@ -347,9 +322,7 @@ class WorkerDriver:
     def _finish(self, **how: Any) -> None:
         assert self.held is not None
         # The attempt ends here: no more renewals, and a renewal in flight no longer matters.
-        for command_id, (pending, _) in list(self._pending.items()):
-            if isinstance(pending, Renew | RunHandler):
-                del self._pending[command_id]
+        self._forget((Renew, RunHandler))
         self._keeper.in_flight = None
         self.state = SlotState.FINISHING
         self._send(Finish(command_id=self._new_id(), handle=self.held, **how))
@@ -367,20 +340,20 @@ class WorkerDriver:
 
     # --- handlers ---
 
-    def _on_start(self, event: Woken) -> None:
+    def _on_start(self, event: Woken, now_ms: int) -> None:
         self._claim(reclaim=False)
 
-    def _ignore(self, event: Event) -> None:
+    def _ignore(self, event: Event, now_ms: int) -> None:
         pass
 
-    def _on_claimed(self, event: ExecutionClaimed) -> None:
+    def _on_claimed(self, event: ExecutionClaimed, now_ms: int) -> None:
         self._retries = 0
         command = self._current
         if event.handle is not None:
             self.held = event.handle
             # The store's lease began when it took the claim: no earlier than it was sent.
             sent_at = self._sent_at()
-            self._keeper.hold(self._now, sent_at + self.config.lease_ttl_ms)
+            self._keeper.hold(now_ms, sent_at + self.config.lease_ttl_ms)
             self.state = SlotState.DESCRIBING
             execution_id = event.handle.execution_id
             self._send(Describe(command_id=self._new_id(), execution_id=execution_id))
@@ -388,50 +361,49 @@ class WorkerDriver:
             self._claim(reclaim=True)
         else:
             self.state = SlotState.POLLING
-            self._poll_at = self._now + self.config.poll_ms
+            self._poll_at = now_ms + self.config.poll_ms
 
-    def _on_described(self, event: Described) -> None:
+    def _on_described(self, event: Described, now_ms: int) -> None:
         self._retries = 0
         assert self.held is not None
         self.state = SlotState.RUNNING
         self._send(RunHandler(command_id=self._new_id(), handle=self.held, info=event.info))
 
-    def _on_renewed(self, event: Renewed) -> None:
+    def _on_renewed(self, event: Renewed, now_ms: int) -> None:
         sent_at = self._sent_at()
-        self._keeper.hold(self._now, sent_at + self.config.lease_ttl_ms)
+        self._keeper.hold(now_ms, sent_at + self.config.lease_ttl_ms)
         if event.cancel_requested:
             self._out.append(CancelHandler())
             self._finish(failure=FailureClass.CANCELLED, message="cancelled on request")
 
-    def _on_handler_ended(self, event: HandlerEnded) -> None:
+    def _on_handler_ended(self, event: HandlerEnded, now_ms: int) -> None:
         if event.failure is None:
             self._finish(result=event.value)
         else:
             self._finish(failure=event.failure, message=event.message)
 
-    def _on_finished(self, event: Finished) -> None:
+    def _on_finished(self, event: Finished, now_ms: int) -> None:
         self._retries = 0
         self._drop()
 
-    def _on_timer(self, event: TimerFired) -> None:
-        now = self._now
+    def _on_timer(self, event: TimerFired, now_ms: int) -> None:
         if self.state is SlotState.RUNNING:
             assert self.held is not None
-            if self._keeper.expired(now):
+            if self._keeper.expired(now_ms):
                 self._lose("the lease ran out before it could be renewed")
                 return
-            if self._keeper.due(now):
+            if self._keeper.due(now_ms):
                 command_id = self._new_id()
                 self._keeper.sent(command_id)
                 self._send(Renew(command_id=command_id, handle=self.held))
-        if self._retry is not None and now >= self._retry[0]:
+        if self._retry is not None and now_ms >= self._retry[0]:
             command = self._retry[1]
             self._retry = None
             self._send(attrs.evolve(command, command_id=self._new_id()))
-        if self._poll_at is not None and now >= self._poll_at:
+        if self._poll_at is not None and now_ms >= self._poll_at:
             self._claim(reclaim=False)
 
-    def _on_store_failed(self, event: StoreFailed) -> None:
+    def _on_store_failed(self, event: StoreFailed, now_ms: int) -> None:
         assert self._current is not None
         command, error = self._current[0], event.error
         assert isinstance(command, Claim | Describe | Renew | Finish)
@@ -448,7 +420,7 @@ class WorkerDriver:
             if fault is Fault.LOST:
                 self._lose(f"{type(error).__name__}: {error}")
                 return
-            self._keeper.retry_later(self._now, self._ids)
+            self._keeper.retry_later(now_ms, self._ids)
             if fault is Fault.FAIL:
                 self._report("worker_error", {"while": what, "error": repr(error)}, Severity.ERROR)
             return
@@ -461,7 +433,7 @@ class WorkerDriver:
         if fault is Fault.RETRY:
             delay = self.config.backoff.delay_ms(self._retries, self._ids)
             self._retries += 1
-            self._retry = (self._now + delay, command)
+            self._retry = (now_ms + delay, command)
             self._report(
                 "store_retry",
                 {"operation": what, "error": repr(error), "attempt": self._retries},
@@ -484,7 +456,7 @@ class WorkerDriver:
         self._report("worker_error", {"while": what, "error": repr(error)}, Severity.ERROR)
         if isinstance(command, Claim):
             # Claiming itself fails (a corrupt row, a bug): try again later, never give up.
-            self._retry = (self._now + self.config.backoff.cap_ms, command)
+            self._retry = (now_ms + self.config.backoff.cap_ms, command)
         else:
             self._drop()  # what it could not record returns to the lane when its lease ends
 
@@ -519,3 +491,4 @@ _TRANSITIONS: Final[dict[tuple[SlotState, type[Any]], Any]] = {
         for state in (W.CLAIMING, W.DESCRIBING, W.RUNNING, W.FINISHING)
     },
 }
+WorkerDriver.TRANSITIONS, WorkerDriver.ANSWERS = _TRANSITIONS, _ANSWERS
