@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -264,9 +265,12 @@ class SideBySide(RuleBasedStateMachine):
         self._both(lambda s: s.executions.completion_events(0, 1000))
 
     def teardown(self) -> None:
-        for cm, _ in (self.memory, self.sqlite):
-            self.portal.call(cm.__aexit__, None, None, None)
-        self._portal_cm.__exit__(None, None, None)
+        try:
+            for cm, _ in (self.memory, self.sqlite):
+                self.portal.call(cm.__aexit__, None, None, None)
+            self._portal_cm.__exit__(None, None, None)
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _stale_fence(session: str, owner: str) -> Any:
