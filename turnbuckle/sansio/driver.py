@@ -83,6 +83,8 @@ from turnbuckle.sansio.keeper import (
     LeaseKeeper,
     Severity,
     classify,
+    describe,
+    store_retry,
 )
 from turnbuckle.sansio.lease import LeaseFence, SessionLease
 from turnbuckle.sansio.queue import ClaimBoundary, QueuedWorkBatch, QueuedWorkClaim
@@ -583,10 +585,6 @@ def _inputs(claim: QueuedWorkClaim) -> list[Message]:
     return messages
 
 
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
-
-
 # --- the turn in progress --------------------------------------------------------------------
 
 
@@ -734,16 +732,8 @@ class SessionDriver(CommandMachine[DriverState, Event, Command]):
         delay = self.config.backoff.delay_ms(self._retries, self._ids)
         self._retries += 1
         self._retry = (now_ms + delay, command)
-        self._publish(
-            "store_retry",
-            {
-                "operation": type(command).__name__,
-                "error": _describe(error),
-                "attempt": self._retries,
-                "delay_ms": delay,
-            },
-            severity=Severity.WARNING if self._retries == 1 else Severity.DEBUG,
-        )
+        data, severity = store_retry(type(command).__name__, error, self._retries, delay)
+        self._publish("store_retry", data, severity=severity)
 
     def _resend(self, command: _StoreCommand) -> None:
         self._send(attrs.evolve(command, command_id=self._new_id()))
@@ -852,14 +842,14 @@ class SessionDriver(CommandMachine[DriverState, Event, Command]):
         assert isinstance(command, _STORE_COMMANDS), command
         fault = classify(event.error, _LOST)
         if fault is Fault.CLOSED:
-            self._publish("session_stopped", {"reason": _describe(event.error)})
+            self._publish("session_stopped", {"reason": describe(event.error)})
             self._cancel_turn()
             self._drop_lease()
             self._exit()
             return
         if isinstance(command, RenewLease):
             if isinstance(event.error, SessionExecutionLeaseExpired):
-                self._lose_lease(_describe(event.error), now_ms)
+                self._lose_lease(describe(event.error), now_ms)
                 return
             turn = self._turn
             renewed = {c.claim_id for c in command.claims}
@@ -872,23 +862,17 @@ class SessionDriver(CommandMachine[DriverState, Event, Command]):
                 # A claim of the turn was voided (and, in the same transaction, the lease not
                 # renewed): the turn is lost; its claims are ended by the next idle claim.
                 self._keeper.retry_later(now_ms, self._ids)
-                self._turn_lost(_describe(event.error), now_ms)
+                self._turn_lost(describe(event.error), now_ms)
                 return
             # Transient, or about claims that are no longer the turn's: renew again soon.
             delay = self._keeper.retry_later(now_ms, self._ids)
             if fault is Fault.FAIL:
                 self._report(event.error, "renewing the lease")
             elif fault is Fault.RETRY:
-                self._publish(
-                    "store_retry",
-                    {
-                        "operation": "RenewLease",
-                        "error": _describe(event.error),
-                        "attempt": self._keeper.failures,
-                        "delay_ms": delay,
-                    },
-                    severity=Severity.WARNING if self._keeper.failures == 1 else Severity.DEBUG,
+                data, severity = store_retry(
+                    "RenewLease", event.error, self._keeper.failures, delay
                 )
+                self._publish("store_retry", data, severity=severity)
             return
         if fault is Fault.RETRY:
             if isinstance(command, ReleaseLease):
@@ -901,14 +885,14 @@ class SessionDriver(CommandMachine[DriverState, Event, Command]):
         self._retries = 0
         if fault is Fault.LOST:
             if isinstance(event.error, SessionExecutionLeaseExpired):
-                self._lose_lease(_describe(event.error), now_ms, settled=True)
+                self._lose_lease(describe(event.error), now_ms, settled=True)
             elif isinstance(command, HandBack):
                 self._after_hand_back(now_ms)  # void already: nothing left to hand back
             else:
-                self._turn_lost(_describe(event.error), now_ms)
+                self._turn_lost(describe(event.error), now_ms)
             return
         # FAIL: retrying the same call will not help.
-        self.last_error = _describe(event.error)
+        self.last_error = describe(event.error)
         if self._turn is not None and isinstance(command, ClaimWork | LoadSession | Commit):
             self._fail_turn(self.last_error)
         elif isinstance(command, HandBack):
@@ -924,7 +908,7 @@ class SessionDriver(CommandMachine[DriverState, Event, Command]):
             self._retry = (self._failure_backoff(now_ms), command)
 
     def _report(self, error: BaseException, doing: str) -> None:
-        self.last_error = _describe(error)
+        self.last_error = describe(error)
         self._publish(
             "session_error",
             {"while": doing, "error": self.last_error},
@@ -1149,7 +1133,7 @@ class SessionDriver(CommandMachine[DriverState, Event, Command]):
         try:
             turn.machine.handle_response(response)
         except UnexpectedResponse as exc:  # a bug here or in the machine: fail the turn
-            self._fail_turn(_describe(exc))
+            self._fail_turn(describe(exc))
             return
         self._drain()
 

@@ -47,7 +47,7 @@ from typing import Any, ClassVar, Final, Generic, TypeVar
 import attrs
 
 from turnbuckle.errors import InvalidArgument, StoreClosedError, TurnbuckleError
-from turnbuckle.sansio.codec import check_int64
+from turnbuckle.sansio.codec import JSON, check_int64
 from turnbuckle.sansio.ids import IdSource
 
 __all__ = [
@@ -58,6 +58,8 @@ __all__ = [
     "LeaseKeeper",
     "Severity",
     "classify",
+    "describe",
+    "store_retry",
 ]
 
 StateT = TypeVar("StateT", bound=enum.Enum)
@@ -159,6 +161,26 @@ def classify(error: BaseException, lost: tuple[type[BaseException], ...]) -> Fau
     if isinstance(error, TurnbuckleError) and error.retryable:
         return Fault.RETRY
     return Fault.FAIL
+
+
+def describe(error: BaseException) -> str:
+    """An error as both drivers report it: ``Type: message``."""
+    return f"{type(error).__name__}: {error}"
+
+
+def store_retry(
+    operation: str, error: BaseException, attempt: int, delay_ms: int
+) -> tuple[JSON, Severity]:
+    """The data and severity of the ``store_retry`` event both drivers report when a store call
+    failed transiently and is tried again after ``delay_ms``: a warning the first time in a row,
+    debug after, so a busy spell logs once."""
+    data: JSON = {
+        "operation": operation,
+        "error": describe(error),
+        "attempt": attempt,
+        "delay_ms": delay_ms,
+    }
+    return data, Severity.WARNING if attempt == 1 else Severity.DEBUG
 
 
 #: Jitter resolution: 16 random bits spread a delay over 65,536 steps.

@@ -12,23 +12,34 @@ driver events with the time of the store's clock and carries out its commands; r
 
 ::
 
-    IDLE --woken--> CLAIMING --nothing claimable--> POLLING --timer/woken--> CLAIMING
-                       | (claimed)
-                       v
-                  DESCRIBING --read--> RUNNING --handler ended--> FINISHING --recorded--> CLAIMING
-                                          \\--lease lost: cancel the handler, write nothing--/
+    IDLE --woken--> CLAIMING --nothing runnable: reclaim; nothing either--> POLLING
+                     |   ^                                                     |
+           (claimed) |   \\----------------- timer or woken --------------------/
+                     v
+                DESCRIBING --read--> RUNNING --handler ended--> FINISHING --recorded--> CLAIMING
 
-While an execution runs, the :class:`~turnbuckle.sansio.keeper.LeaseKeeper` renews its lease every
-ttl/3 (the same schedule, retries and expiry rule as a session lease). A renewal that says
-cancellation was requested cancels the handler and ends the execution ``cancelled``. A lease
-lost (a renewal refused, a newer claim, or the lease run out by the shared clock) cancels the
-handler and writes nothing: whoever holds the execution now finishes it.
+    DESCRIBING, RUNNING --cancel requested--> FINISHING (the execution ends ``cancelled``)
+    DESCRIBING --unreadable--> FINISHING (the execution fails for good)
+    DESCRIBING, RUNNING, FINISHING --lease lost: cancel the handler, write nothing--> CLAIMING
+
+From the claim until the handler ends (DESCRIBING and RUNNING), the
+:class:`~turnbuckle.sansio.keeper.LeaseKeeper` renews the execution's lease every ttl/3 (the same
+schedule, retries and expiry rule as a session lease), and the slot works under it only until it
+runs out by the shared clock: a claim or a read answered after that is given up, not run. A
+renewal that says cancellation was requested cancels the handler (or, before it started, does
+not start it) and ends the execution ``cancelled``. A lease lost (a renewal refused, a newer
+claim, or the lease run out) cancels the handler and writes nothing: whoever holds the execution
+now finishes it. FINISHING does not renew: the record is one call, and if store trouble holds it
+up until the lease runs out, the store refuses it and the execution runs again elsewhere (at
+least once, as a crash there would).
 
 How the handler ended decides the record: a value completes the execution (a value the store
 refuses, not JSON say, fails it for good, with the reason); a permanent failure fails it; any
 other exception fails the attempt as transient, so the execution's retry policy decides. A
-transient store error is retried with backoff, never fatal to the slot; a store that was closed
-stops the slot.
+transient store error is retried with backoff and reported (``store_retry``), never fatal to
+the slot; a call that fails for good is reported (``worker_error``): a claim is tried again after
+the backoff's cap, an unreadable execution is failed, a record that cannot be written is left to
+run out and return to the lane. A store that was closed stops the slot.
 """
 
 from __future__ import annotations
@@ -56,6 +67,8 @@ from turnbuckle.sansio.keeper import (
     LeaseKeeper,
     Severity,
     classify,
+    describe,
+    store_retry,
 )
 
 __all__ = [
@@ -259,6 +272,9 @@ _StoreCommand: TypeAlias = Claim | Describe | Renew | Finish
 
 #: Errors that mean "this execution is no longer ours".
 _LOST: Final = (LeaseConflict, LeaseExpired, ExecutionTerminal, ExecutionNotFound)
+#: The states in which the slot holds an execution's lease and keeps it.
+_KEEPING: Final = frozenset({SlotState.DESCRIBING, SlotState.RUNNING})
+_RAN_OUT: Final = "the lease ran out before it could be renewed"
 
 
 class WorkerDriver(CommandMachine[SlotState, Event, Command]):
@@ -288,7 +304,7 @@ class WorkerDriver(CommandMachine[SlotState, Event, Command]):
     def next_deadline(self) -> int | None:
         """When the driver next needs a :class:`TimerFired` (None: only events)."""
         times = []
-        if self.state is SlotState.RUNNING:
+        if self.state in _KEEPING:
             times.append(self._keeper.deadline())
         if self._retry is not None:
             times.append(self._retry[0])
@@ -300,6 +316,10 @@ class WorkerDriver(CommandMachine[SlotState, Event, Command]):
 
     def _report(self, kind: str, data: JSON, severity: Severity) -> None:
         self._out.append(Report(event=SessionEvent(type=kind, data=data, severity=severity)))
+
+    def _worker_error(self, what: str, error: BaseException) -> None:
+        """A store call failed for good (not a transient error, not a lost execution)."""
+        self._report("worker_error", {"while": what, "error": describe(error)}, Severity.ERROR)
 
     def _sent_at(self) -> int:
         """When the command whose result is being handled was sent."""
@@ -315,14 +335,15 @@ class WorkerDriver(CommandMachine[SlotState, Event, Command]):
         """Forget the execution (recorded, or no longer ours) and look for the next."""
         self.held = None
         self._keeper.in_flight = None
-        self._retry = None
+        self._retry, self._retries = None, 0
         self._pending.clear()
         self._claim(reclaim=False)
 
     def _finish(self, **how: Any) -> None:
         assert self.held is not None
-        # The attempt ends here: no more renewals, and a renewal in flight no longer matters.
-        self._forget((Renew, RunHandler))
+        # The attempt ends here: no more renewals, and a renewal (or a read) in flight no longer
+        # matters.
+        self._forget((Renew, RunHandler, Describe))
         self._keeper.in_flight = None
         self.state = SlotState.FINISHING
         self._send(Finish(command_id=self._new_id(), handle=self.held, **how))
@@ -355,6 +376,9 @@ class WorkerDriver(CommandMachine[SlotState, Event, Command]):
             sent_at = self._sent_at()
             self._keeper.hold(now_ms, sent_at + self.config.lease_ttl_ms)
             self.state = SlotState.DESCRIBING
+            if self._keeper.expired(now_ms):
+                self._lose("the claim was answered after its lease ran out")
+                return
             execution_id = event.handle.execution_id
             self._send(Describe(command_id=self._new_id(), execution_id=execution_id))
         elif command is not None and isinstance(command[0], Claim) and not command[0].reclaim:
@@ -366,6 +390,9 @@ class WorkerDriver(CommandMachine[SlotState, Event, Command]):
     def _on_described(self, event: Described, now_ms: int) -> None:
         self._retries = 0
         assert self.held is not None
+        if self._keeper.expired(now_ms):
+            self._lose(_RAN_OUT)
+            return
         self.state = SlotState.RUNNING
         self._send(RunHandler(command_id=self._new_id(), handle=self.held, info=event.info))
 
@@ -373,7 +400,8 @@ class WorkerDriver(CommandMachine[SlotState, Event, Command]):
         sent_at = self._sent_at()
         self._keeper.hold(now_ms, sent_at + self.config.lease_ttl_ms)
         if event.cancel_requested:
-            self._out.append(CancelHandler())
+            if self.state is SlotState.RUNNING:
+                self._out.append(CancelHandler())
             self._finish(failure=FailureClass.CANCELLED, message="cancelled on request")
 
     def _on_handler_ended(self, event: HandlerEnded, now_ms: int) -> None:
@@ -387,10 +415,10 @@ class WorkerDriver(CommandMachine[SlotState, Event, Command]):
         self._drop()
 
     def _on_timer(self, event: TimerFired, now_ms: int) -> None:
-        if self.state is SlotState.RUNNING:
+        if self.state in _KEEPING:
             assert self.held is not None
             if self._keeper.expired(now_ms):
-                self._lose("the lease ran out before it could be renewed")
+                self._lose(_RAN_OUT)
                 return
             if self._keeper.due(now_ms):
                 command_id = self._new_id()
@@ -413,32 +441,28 @@ class WorkerDriver(CommandMachine[SlotState, Event, Command]):
             if self.state is SlotState.RUNNING:
                 self._out.append(CancelHandler())
             self.state = SlotState.STOPPED
+            self.held = None
             self._pending.clear()
             self._retry = self._poll_at = None
             return
         if isinstance(command, Renew):
             if fault is Fault.LOST:
-                self._lose(f"{type(error).__name__}: {error}")
+                self._lose(describe(error))
                 return
-            self._keeper.retry_later(now_ms, self._ids)
-            if fault is Fault.FAIL:
-                self._report("worker_error", {"while": what, "error": repr(error)}, Severity.ERROR)
-            return
-        if fault is Fault.LOST:
-            if self.held is not None:
-                self._lose(f"{type(error).__name__}: {error}")
+            delay = self._keeper.retry_later(now_ms, self._ids)
+            if fault is Fault.RETRY:
+                self._report("store_retry", *store_retry(what, error, self._keeper.failures, delay))
             else:
-                self._drop()
+                self._worker_error(what, error)
+            return
+        if fault is Fault.LOST and self.held is not None:
+            self._lose(describe(error))
             return
         if fault is Fault.RETRY:
             delay = self.config.backoff.delay_ms(self._retries, self._ids)
             self._retries += 1
             self._retry = (now_ms + delay, command)
-            self._report(
-                "store_retry",
-                {"operation": what, "error": repr(error), "attempt": self._retries},
-                Severity.WARNING if self._retries == 1 else Severity.DEBUG,
-            )
+            self._report("store_retry", *store_retry(what, error, self._retries, delay))
             return
         # FAIL: the same call again will not help.
         self._retries = 0
@@ -451,11 +475,14 @@ class WorkerDriver(CommandMachine[SlotState, Event, Command]):
             self._finish(failure=FailureClass.PERMANENT, message=f"bad result: {error}")
             return
         if isinstance(command, Describe):
-            self._finish(failure=FailureClass.PERMANENT, message=f"cannot read it: {error!r}")
+            self._finish(
+                failure=FailureClass.PERMANENT, message=f"cannot read it: {describe(error)}"
+            )
             return
-        self._report("worker_error", {"while": what, "error": repr(error)}, Severity.ERROR)
+        self._worker_error(what, error)
         if isinstance(command, Claim):
-            # Claiming itself fails (a corrupt row, a bug): try again later, never give up.
+            # Claiming itself fails (a corrupt row, a bug, or a "lost" error, which a claim
+            # cannot mean): try again later, never give up, never spin.
             self._retry = (now_ms + self.config.backoff.cap_ms, command)
         else:
             self._drop()  # what it could not record returns to the lane when its lease ends
@@ -483,7 +510,7 @@ _TRANSITIONS: Final[dict[tuple[SlotState, type[Any]], Any]] = {
     **{(state, TimerFired): _S._on_timer for state in SlotState},
     (W.CLAIMING, ExecutionClaimed): _S._on_claimed,
     (W.DESCRIBING, Described): _S._on_described,
-    (W.RUNNING, Renewed): _S._on_renewed,
+    **{(state, Renewed): _S._on_renewed for state in _KEEPING},
     (W.RUNNING, HandlerEnded): _S._on_handler_ended,
     (W.FINISHING, Finished): _S._on_finished,
     **{
