@@ -820,13 +820,13 @@ def user_draft(session_id: str, text: str) -> QueuedWorkDraft:
 async def test_a_turn_longer_than_the_lease_ttl_commits_once(
     url: str, clock: trio.testing.MockClock
 ) -> None:
-    """A model call ten times as long as the lease ttl: the lease and the turn's claim are
+    """A model call four times as long as the lease ttl: the lease and the turn's claim are
     renewed together all along, the checkpoint does not take the message again, and the turn
     commits once."""
     inner = ScriptedModel(say("slow answer"), then="again")
 
     async def slow(request: ModelRequest) -> ModelResponse:
-        await anyio.sleep(30.0)  # virtual seconds; the ttl is 3 s
+        await anyio.sleep(12.0)  # virtual seconds; the ttl is 3 s
         return await inner(request)
 
     async with store_on(url) as store, open_runtime(store, model=slow, lease_ttl_ms=3_000) as rt:

@@ -278,6 +278,9 @@ def test_cancel_finishes_once() -> None:
 class Opaque:
     """Not JSON (a datetime would do as well)."""
 
+    def __repr__(self) -> str:  # a stable test id
+        return "Opaque()"
+
 
 @pytest.mark.parametrize(
     "reply",
